@@ -1,0 +1,209 @@
+"""The `agnes-gateway` command: serve, check-config, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .app import create_app, serve, wait_for_signal
+from .config import Config, ConfigError, load_config, parse_config, replace_listen
+from .logs import setup_logging
+from .simulator import SimulatorConfig, create_simulator_app
+
+CONFIG_ENV = "AGNES_GATEWAY_CONFIG"
+
+# The demo's keys: what the simulator accepts, and how the gateway's config names them.
+DEMO_KEYS: tuple[dict[str, Any], ...] = (
+    {"name": "demo-a", "key": "sk-demo-aaaa-0001", "daily_limit": 5, "priority": 0, "upstream_limit": 5},
+    # No limit in the gateway's config: the simulator's own quota refusal makes it fail over.
+    {"name": "demo-b", "key": "sk-demo-bbbb-0002", "priority": 0, "upstream_limit": 3},
+    {"name": "demo-backup", "key": "sk-demo-cccc-0003", "daily_limit": 10, "priority": 1, "upstream_limit": 10},
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"agnes-gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agnes-gateway",
+        description="A drop-in gateway for the Agnes video API: one base URL over a pool of keys.",
+    )
+    parser.add_argument("--version", action="version", version=f"agnes-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the gateway", description="Run the gateway until SIGINT/SIGTERM.")
+    _config_arg(p)
+    p.add_argument("--host", help="listen address (overrides listen.host)")
+    p.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file without starting")
+    p.add_argument("file", nargs="?", help=f"the YAML file (default: ${CONFIG_ENV}, else the zero-config key files)")
+    p.set_defaults(run=_check_config)
+
+    p = sub.add_parser(
+        "simulate",
+        help="run a local simulator of the upstream API",
+        description="A local stand-in for the Agnes video API: per-key daily quotas, task progress, MP4 downloads.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument(
+        "--key",
+        action="append",
+        metavar="KEY[:LIMIT]",
+        help="an accepted upstream key and its daily limit (repeatable; default: the demo keys)",
+    )
+    p.add_argument("--task-seconds", type=float, default=30.0, help="how long a video takes (default 30)")
+    p.add_argument("--quota-status", type=int, default=429, help="HTTP status of the quota refusal (default 429)")
+    p.add_argument("--uvloop", action="store_true", help="use uvloop if installed (for benchmarks)")
+    p.set_defaults(run=_simulate)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the simulator and a gateway with demo keys, no account needed",
+        description="Start a simulated upstream and a gateway in front of it, print curl commands, run until Ctrl-C.",
+    )
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--upstream-port", type=int, default=8090, help="simulator port (default 8090)")
+    p.add_argument(
+        "--database", default="./agnes-gateway-demo.db", help="SQLite file (default ./agnes-gateway-demo.db)"
+    )
+    p.add_argument("--task-seconds", type=float, default=20.0, help="how long a simulated video takes (default 20)")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help=f"YAML config file (default: ${CONFIG_ENV}, else ~/.agnes_api_key)")
+
+
+def _config_path(given: str | None) -> str | None:
+    return given or os.environ.get(CONFIG_ENV) or None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = replace_listen(load_config(_config_path(args.config)), args.host, args.port)
+    setup_logging(config)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = _config_path(args.file)
+    config = load_config(path)
+    print(f"{config.source}: OK")
+    print(f"  listen    {config.listen.host}:{config.listen.port}")
+    print(f"  upstream  {config.upstream.base_url}")
+    print(f"  database  {config.database}")
+    print(f"  quota day starts {config.schedule.reset:%H:%M} {config.schedule.tz.key}")
+    for key in config.keys:
+        limit = "unlimited" if key.daily_limit is None else f"{key.daily_limit}/day"
+        print(f"  key {key.name:<16} {key.secret.masked():<8} priority {key.priority}  {limit}")
+    print(f"  clients   {', '.join(c.name for c in config.clients) or 'none (anonymous, loopback only)'}")
+    if not config.clients and not config.listen.is_loopback:
+        print("  warning: no clients configured, so the gateway will refuse to listen on a non-loopback host")
+        return 1
+    return 0
+
+
+def _parse_sim_keys(values: list[str] | None) -> dict[str, int | None]:
+    if not values:
+        return {k["key"]: k["upstream_limit"] for k in DEMO_KEYS}
+    keys: dict[str, int | None] = {}
+    for value in values:
+        key, _, limit = value.partition(":")
+        keys[key] = int(limit) if limit else None
+    return keys
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sim = SimulatorConfig(
+        keys=_parse_sim_keys(args.key), task_seconds=args.task_seconds, quota_status=args.quota_status
+    )
+    if args.uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            print("uvloop is not installed; using asyncio's loop", file=sys.stderr)
+    web.run_app(create_simulator_app(sim), host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+def demo_config(port: int, upstream_port: int, database: str) -> Config:
+    """The gateway config of `agnes-gateway demo`: three demo keys, anonymous clients, loopback."""
+    keys = [{k: v for k, v in key.items() if k != "upstream_limit"} for key in DEMO_KEYS]
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "upstream": {"base_url": f"http://127.0.0.1:{upstream_port}", "timeout_s": 10},
+            "database": database,
+            "keys": keys,
+        },
+        source="demo",
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = demo_config(args.port, args.upstream_port, str(Path(args.database).resolve()))
+    setup_logging(config)
+    asyncio.run(_run_demo(config, args.upstream_port, args.task_seconds))
+    return 0
+
+
+async def _run_demo(config: Config, upstream_port: int, task_seconds: float) -> None:
+    sim = SimulatorConfig(keys={k["key"]: k["upstream_limit"] for k in DEMO_KEYS}, task_seconds=task_seconds)
+    runners = [
+        web.AppRunner(create_simulator_app(sim), access_log=None),
+        web.AppRunner(create_app(config), access_log=None),
+    ]
+    for runner, port in zip(runners, (upstream_port, config.listen.port), strict=True):
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    base = f"http://127.0.0.1:{config.listen.port}"
+    print(
+        f"""
+agnes-gateway demo: gateway on {base}, simulated upstream on http://127.0.0.1:{upstream_port}
+database: {config.database}; keys: demo-a (5/day), demo-b (upstream refuses after 3), demo-backup (priority 1, 10/day)
+
+Create a video (copy the task_id from the answer):
+  curl -s {base}/v1/videos -H 'Content-Type: application/json' \\
+       -d '{{"model": "agnes-video-v2.0", "prompt": "A cat playing piano in a jazz bar"}}'
+Poll it (done after {task_seconds:g} s):
+  curl -s {base}/v1/videos/TASK_ID
+Run the create 18 times to watch keys fail over and the pool run dry (429 all_keys_exhausted).
+Health: curl -s {base}/healthz
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+    try:
+        await wait_for_signal()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()

@@ -1,0 +1,449 @@
+"""Configuration: YAML with `${ENV}` expansion, parsed into frozen dataclasses.
+
+Every error names the field it is about, e.g. `keys[1].key_env: AGNES_KEY_SPARE is not set`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import time as dtime
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from .clock import QuotaSchedule
+
+DEFAULT_UPSTREAM = "https://apihub.agnes-ai.com"
+DEFAULT_KEY_FILE = "~/.agnes_api_key"
+DEFAULT_BACKUP_KEY_FILE = "~/.agnes_api_key_old"
+# English and Chinese wordings of a spent daily quota (UPSTREAM.md); a plain rate limit does not match.
+DEFAULT_QUOTA_PATTERN = r"(?i)quota|daily.?limit|limit.{0,20}(reached|exceeded)|exceeded|额度|次数|上限|配额"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message starts with the field's path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class Secret:
+    """A credential whose `str`/`repr` never show it; `reveal()` is the one way in."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def masked(self) -> str:
+        """The last four characters, enough for an operator to tell keys apart."""
+        return "…" + self._value[-4:] if len(self._value) > 8 else "…"
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    base_url: str = DEFAULT_UPSTREAM
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    quota_statuses: tuple[int, ...] = (429, 403)
+    quota_pattern: str = DEFAULT_QUOTA_PATTERN
+    rate_limit_cooldown_s: float = 60.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """One upstream key of the pool."""
+
+    name: str
+    secret: Secret
+    daily_limit: int | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """A caller of the gateway, known by its bearer token."""
+
+    name: str
+    token: Secret
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the gateway needs to run; built by `load_config` or `parse_config`."""
+
+    keys: tuple[KeyConfig, ...]
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    database: str = "./agnes-gateway.db"
+    schedule: QuotaSchedule = field(default_factory=QuotaSchedule)
+    clients: tuple[ClientConfig, ...] = ()
+    admin_token: Secret | None = None
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file at `path`, or build the zero-config default when `path` is None."""
+    env = os.environ if env is None else env
+    if path is None:
+        return default_config(env)
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+    return parse_config(raw if raw is not None else {}, env=env, base_dir=p.parent, source=str(p))
+
+
+def default_config(env: Mapping[str, str] | None = None) -> Config:
+    """No config file: the upstream guide's own key files, the second one as a backup."""
+    env = os.environ if env is None else env
+    keys: list[dict[str, Any]] = []
+    for name, path, priority in (("primary", DEFAULT_KEY_FILE, 0), ("backup", DEFAULT_BACKUP_KEY_FILE, 1)):
+        if Path(path).expanduser().is_file():
+            keys.append({"name": name, "key_file": path, "priority": priority})
+    if not keys:
+        raise ConfigError(
+            "keys",
+            f"no config file given and neither {DEFAULT_KEY_FILE} nor {DEFAULT_BACKUP_KEY_FILE} exists; "
+            "pass --config FILE (see config.example.yaml) or try `agnes-gateway demo`",
+        )
+    return parse_config({"keys": keys}, env=env)
+
+
+def parse_config(
+    raw: Any,
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    source: str = "<inline>",
+) -> Config:
+    """Validate a decoded YAML document and build a `Config` from it."""
+    env = os.environ if env is None else env
+    doc = _expand(raw, env, "")
+    top = _mapping(
+        doc, "", {"listen", "upstream", "database", "quota", "keys", "clients", "admin_token", "limits", "log"}
+    )
+    base = base_dir or Path.cwd()
+
+    listen_raw = _mapping(top.get("listen", {}), "listen", {"host", "port"})
+    listen = ListenConfig(
+        host=_get(listen_raw, "host", str, "listen", "127.0.0.1"),
+        port=_port(listen_raw.get("port", 8080), "listen.port"),
+    )
+
+    up_raw = _mapping(
+        top.get("upstream", {}),
+        "upstream",
+        {
+            "base_url",
+            "timeout_s",
+            "connect_timeout_s",
+            "quota_statuses",
+            "quota_pattern",
+            "rate_limit_cooldown_s",
+            "max_connections",
+        },
+    )
+    base_url = _get(up_raw, "base_url", str, "upstream", DEFAULT_UPSTREAM).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", base_url):
+        raise ConfigError("upstream.base_url", f"must be an http(s) URL, got {base_url!r}")
+    pattern = _get(up_raw, "quota_pattern", str, "upstream", DEFAULT_QUOTA_PATTERN)
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError("upstream.quota_pattern", f"not a valid regular expression: {exc}") from None
+    statuses = up_raw.get("quota_statuses", [429, 403])
+    if not isinstance(statuses, list) or not all(isinstance(s, int) and 400 <= s <= 599 for s in statuses):
+        raise ConfigError("upstream.quota_statuses", "must be a list of HTTP status codes (400-599)")
+    upstream = UpstreamConfig(
+        base_url=base_url,
+        timeout_s=_positive(up_raw, "timeout_s", "upstream", 30.0),
+        connect_timeout_s=_positive(up_raw, "connect_timeout_s", "upstream", 5.0),
+        quota_statuses=tuple(statuses),
+        quota_pattern=pattern,
+        rate_limit_cooldown_s=_positive(up_raw, "rate_limit_cooldown_s", "upstream", 60.0),
+        max_connections=int(_positive(up_raw, "max_connections", "upstream", 100)),
+    )
+
+    quota_raw = _mapping(top.get("quota", {}), "quota", {"timezone", "reset_time"})
+    tz_name = _get(quota_raw, "timezone", str, "quota", "Asia/Shanghai")
+    try:
+        tz = ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            "quota.timezone", f"unknown time zone {tz_name!r} (use an IANA name such as Asia/Shanghai)"
+        ) from None
+    reset_raw = _get(quota_raw, "reset_time", str, "quota", "00:00")
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", reset_raw)
+    if not match:
+        raise ConfigError("quota.reset_time", f"must be HH:MM, got {reset_raw!r}")
+    schedule = QuotaSchedule(tz=tz, reset=dtime(int(match[1]), int(match[2])))
+
+    database = _get(top, "database", str, "", "./agnes-gateway.db")
+    if not database.startswith(("postgres://", "postgresql://")) and database != ":memory:":
+        database = str(
+            (base / Path(database).expanduser())
+            if not Path(database).expanduser().is_absolute()
+            else Path(database).expanduser()
+        )
+
+    keys = _keys(top.get("keys"), env, base)
+    clients = _clients(top.get("clients", []), keys)
+
+    admin = top.get("admin_token")
+    if admin is not None and not isinstance(admin, str):
+        raise ConfigError("admin_token", "must be a string")
+    admin_token = Secret(admin) if admin else None
+    if admin and len(admin) < 16:
+        raise ConfigError("admin_token", "must be at least 16 characters")
+    if admin_token is not None and any(c.token == admin_token for c in clients):
+        raise ConfigError("admin_token", "must differ from every client token")
+
+    limits_raw = _mapping(top.get("limits", {}), "limits", {"max_body_bytes"})
+    limits = LimitsConfig(max_body_bytes=int(_positive(limits_raw, "max_body_bytes", "limits", 20 * 1024 * 1024)))
+
+    log_raw = _mapping(top.get("log", {}), "log", {"level", "format"})
+    level = _get(log_raw, "level", str, "log", "INFO").upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("log.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    fmt = _get(log_raw, "format", str, "log", "text")
+    if fmt not in {"text", "json"}:
+        raise ConfigError("log.format", f"must be text or json, got {fmt!r}")
+
+    return Config(
+        keys=keys,
+        listen=listen,
+        upstream=upstream,
+        database=database,
+        schedule=schedule,
+        clients=clients,
+        admin_token=admin_token,
+        limits=limits,
+        log=LogConfig(level=level, format=fmt),
+        source=source,
+    )
+
+
+def _keys(raw: Any, env: Mapping[str, str], base: Path) -> tuple[KeyConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("keys", "must be a non-empty list of upstream keys")
+    keys: list[KeyConfig] = []
+    seen_names: dict[str, int] = {}
+    seen_secrets: dict[Secret, int] = {}
+    for i, item in enumerate(raw):
+        path = f"keys[{i}]"
+        entry = _mapping(item, path, {"name", "key", "key_env", "key_file", "daily_limit", "priority"})
+        name = _name(entry.get("name"), f"{path}.name")
+        if name in seen_names:
+            raise ConfigError(f"{path}.name", f"duplicate key name {name!r} (also keys[{seen_names[name]}])")
+        seen_names[name] = i
+        secret = _key_secret(entry, path, env, base)
+        if secret in seen_secrets:
+            raise ConfigError(path, f"same upstream key as keys[{seen_secrets[secret]}]")
+        seen_secrets[secret] = i
+        limit = entry.get("daily_limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise ConfigError(f"{path}.daily_limit", "must be a whole number >= 0, or absent for unlimited")
+        priority = entry.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ConfigError(f"{path}.priority", "must be a whole number (lower is tried first)")
+        keys.append(KeyConfig(name=name, secret=secret, daily_limit=limit, priority=priority))
+    return tuple(keys)
+
+
+def _key_secret(entry: Mapping[str, Any], path: str, env: Mapping[str, str], base: Path) -> Secret:
+    sources = [s for s in ("key", "key_env", "key_file") if entry.get(s) not in (None, "")]
+    if len(sources) != 1:
+        raise ConfigError(path, "needs exactly one of key, key_env or key_file")
+    source = sources[0]
+    value = entry[source]
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}.{source}", "must be a string")
+    if source == "key":
+        secret = value.strip()
+    elif source == "key_env":
+        if value not in env or not env[value].strip():
+            raise ConfigError(f"{path}.key_env", f"environment variable {value} is not set")
+        secret = env[value].strip()
+    else:
+        file = Path(value).expanduser()
+        file = file if file.is_absolute() else base / file
+        try:
+            secret = file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{path}.key_file", f"cannot read {file}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"{path}.key_file", f"{file} is empty")
+    if any(c.isspace() for c in secret) or not secret.isprintable():
+        raise ConfigError(f"{path}.{source}", "the key contains whitespace or control characters")
+    return Secret(secret)
+
+
+def _clients(raw: Any, keys: tuple[KeyConfig, ...]) -> tuple[ClientConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("clients", "must be a list of {name, token}")
+    clients: list[ClientConfig] = []
+    upstream_secrets = {k.secret for k in keys}
+    names: set[str] = set()
+    tokens: set[Secret] = set()
+    for i, item in enumerate(raw):
+        path = f"clients[{i}]"
+        entry = _mapping(item, path, {"name", "token"})
+        name = _name(entry.get("name"), f"{path}.name")
+        if name in names:
+            raise ConfigError(f"{path}.name", f"duplicate client name {name!r}")
+        names.add(name)
+        token = entry.get("token")
+        if not isinstance(token, str) or len(token) < 16:
+            raise ConfigError(f"{path}.token", "must be a string of at least 16 characters")
+        secret = Secret(token)
+        if secret in upstream_secrets:
+            raise ConfigError(f"{path}.token", "must not be an upstream key")
+        if secret in tokens:
+            raise ConfigError(f"{path}.token", "duplicate client token")
+        tokens.add(secret)
+        clients.append(ClientConfig(name=name, token=secret))
+    return tuple(clients)
+
+
+# --- small validators -------------------------------------------------------------------
+
+
+def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:
+    """Replace `${VAR}` (or `${VAR:-default}`) in every string of the document."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, has_default, default = m[1], m[2], m[3]
+            if name in env:
+                return env[name]
+            if has_default is not None:
+                return default or ""
+            raise ConfigError(
+                path or "<root>", f"environment variable {name} is not set (write ${{{name}:-}} to allow it empty)"
+            )
+
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _mapping(value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(path or "<root>", "must be a mapping")
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(where, f"unknown option (known: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _get(section: Mapping[str, Any], name: str, kind: type[T], path: str, default: T) -> T:
+    value = section.get(name, default)
+    if not isinstance(value, kind):
+        where = f"{path}.{name}" if path else name
+        raise ConfigError(where, f"must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _positive(section: Mapping[str, Any], name: str, path: str, default: float) -> float:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{path}.{name}", f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _port(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(path, f"must be a port number 0-65535, got {value!r}")
+    return value
+
+
+def _name(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ConfigError(path, "must be a name of letters, digits, '_', '.' or '-' (at most 64)")
+    return value
+
+
+def replace_listen(config: Config, host: str | None, port: int | None) -> Config:
+    """The config with `--host`/`--port` from the command line applied."""
+    from dataclasses import replace
+
+    listen = replace(
+        config.listen,
+        host=host if host is not None else config.listen.host,
+        port=_port(port, "--port") if port is not None else config.listen.port,
+    )
+    return replace(config, listen=listen)
+
+
+Validator = Callable[[Any, str], Any]

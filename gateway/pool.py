@@ -1,0 +1,203 @@
+"""The key pool: each key's state, today's counts, and which key takes the next create.
+
+No HTTP in here: the pool is told what upstream answered and persists what must survive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from .clock import QuotaSchedule
+from .config import KeyConfig
+from .store import KeyMark, KeyState, Store
+
+log = logging.getLogger("agnes_gateway.pool")
+
+
+def fingerprint(key: KeyConfig) -> str:
+    """A short one-way digest of the secret: tells whether a disabled key was replaced in the config."""
+    return hashlib.sha256(key.secret.reveal().encode()).hexdigest()[:16]
+
+
+@dataclass
+class KeyStatus:
+    """What the pool knows of one key right now."""
+
+    config: KeyConfig
+    used: int = 0
+    mark: KeyMark | None = None
+    last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def remaining(self) -> float:
+        limit = self.config.daily_limit
+        return math.inf if limit is None else max(limit - self.used, 0)
+
+    def state(self, now: float) -> KeyState:
+        """The effective state at `now` (epoch seconds); expired marks count as active."""
+        mark = self.mark
+        if mark is not None and (mark.until is None or mark.until > now):
+            return mark.state
+        if self.remaining <= 0:
+            return KeyState.SPENT
+        return KeyState.ACTIVE
+
+
+class KeyPool:
+    """Chooses keys for creates and keeps their states, mirrored to the store."""
+
+    def __init__(self, keys: Iterable[KeyConfig], store: Store, schedule: QuotaSchedule) -> None:
+        self.store = store
+        self.schedule = schedule
+        self._keys: dict[str, KeyStatus] = {}
+        self._retired: dict[str, KeyConfig] = {}
+        self._day = ""
+        self._turn = 0
+        self.configure(keys)
+
+    # --- configuration ------------------------------------------------------------------
+
+    def configure(self, keys: Iterable[KeyConfig]) -> None:
+        """Take a (new) key list; removed keys are retired: no creates, but their tasks still poll."""
+        new = {k.name: k for k in keys}
+        for name, status in list(self._keys.items()):
+            if name not in new:
+                self._retired[name] = status.config
+                del self._keys[name]
+        for name, key in new.items():
+            self._retired.pop(name, None)
+            old = self._keys.get(name)
+            self._keys[name] = KeyStatus(key, used=old.used, mark=old.mark) if old else KeyStatus(key)
+
+    async def load(self, now: datetime) -> None:
+        """Read today's counts and persisted states from the store (at start, or to catch up)."""
+        self._day = self.schedule.day_key(now)
+        usage = await self.store.usage(self._day)
+        marks = await self.store.key_marks()
+        for status in self._keys.values():
+            status.used = usage.get(status.name, 0)
+            mark = marks.get(status.name)
+            if mark is not None and mark.state is KeyState.DISABLED and mark.fingerprint != fingerprint(status.config):
+                log.info("key %s was disabled but its secret has changed: enabling it", status.name)
+                await self.store.set_key_mark(status.name, None)
+                mark = None
+            status.mark = mark
+
+    async def roll_day(self, now: datetime) -> None:
+        """Start a new quota day when `now` has passed into one."""
+        day = self.schedule.day_key(now)
+        if day != self._day:
+            if self._day:
+                log.info("new quota day %s: counts start again", day)
+            await self.load(now)
+
+    # --- lookup -------------------------------------------------------------------------
+
+    @property
+    def day(self) -> str:
+        return self._day
+
+    def statuses(self) -> list[KeyStatus]:
+        return list(self._keys.values())
+
+    def key(self, name: str) -> KeyConfig | None:
+        """A key by name, retired ones included (they still poll their tasks)."""
+        status = self._keys.get(name)
+        return status.config if status else self._retired.get(name)
+
+    def poll_keys(self) -> list[KeyConfig]:
+        """Keys to try for a task the gateway never saw, in priority order."""
+        return [s.config for s in sorted(self._keys.values(), key=lambda s: s.config.priority)]
+
+    def candidates(self, now: datetime) -> list[KeyConfig]:
+        """Usable keys in the order to try them for one create.
+
+        Lowest priority number first; within it the most quota left; ties take turns.
+        """
+        ts = now.timestamp()
+        usable = [s for s in self._keys.values() if s.state(ts) is KeyState.ACTIVE]
+        self._turn += 1
+        n = len(self._keys) or 1
+        order = {name: i for i, name in enumerate(self._keys)}
+        usable.sort(key=lambda s: (s.config.priority, -s.remaining, (order[s.name] - self._turn) % n))
+        return [s.config for s in usable]
+
+    def usable(self, key: KeyConfig, now: datetime) -> bool:
+        status = self._keys.get(key.name)
+        return status is not None and status.state(now.timestamp()) is KeyState.ACTIVE
+
+    def retry_after(self, now: datetime) -> int:
+        """Whole seconds until the earliest key may take a create again."""
+        ts = now.timestamp()
+        to_reset = self.schedule.seconds_to_reset(now)
+        waits = []
+        for status in self._keys.values():
+            mark = status.mark
+            if mark is not None and mark.state is KeyState.DISABLED:
+                continue
+            if mark is not None and mark.state is KeyState.COOLING and mark.until and mark.until > ts:
+                waits.append(mark.until - ts if status.remaining > 0 else to_reset)
+            else:
+                waits.append(to_reset)
+        return max(1, math.ceil(min(waits, default=to_reset)))
+
+    # --- quota --------------------------------------------------------------------------
+
+    async def reserve(self, key: KeyConfig) -> bool:
+        """Take one unit of today's quota for `key`; False when it has none left."""
+        used = await self.store.reserve(key.name, self._day, key.daily_limit)
+        status = self._keys.get(key.name)
+        if used is None:
+            if status is not None and key.daily_limit is not None:
+                status.used = key.daily_limit
+            return False
+        if status is not None:
+            status.used = used
+        return True
+
+    async def release(self, key: KeyConfig) -> None:
+        """Give back a unit that upstream refused, so it was never spent."""
+        used = await self.store.release(key.name, self._day)
+        status = self._keys.get(key.name)
+        if status is not None:
+            status.used = used
+
+    # --- state changes ------------------------------------------------------------------
+
+    async def mark_spent(self, key: KeyConfig, now: datetime, why: str) -> None:
+        """Upstream says the key's daily quota is gone: skip it until the next quota day."""
+        until = self.schedule.next_reset(now).timestamp()
+        await self._mark(key, KeyMark(KeyState.SPENT, why, until), logging.WARNING)
+
+    async def mark_cooling(self, key: KeyConfig, now: datetime, seconds: float, why: str) -> None:
+        """Upstream rate-limited the key: rest it for `seconds`."""
+        await self._mark(key, KeyMark(KeyState.COOLING, why, now.timestamp() + seconds), logging.WARNING)
+
+    async def mark_disabled(self, key: KeyConfig, why: str) -> None:
+        """Upstream refused the key itself: keep it out until the config changes or an admin enables it."""
+        await self._mark(key, KeyMark(KeyState.DISABLED, why, None, fingerprint(key)), logging.ERROR)
+
+    async def enable(self, key: KeyConfig) -> None:
+        """Clear any mark: the key takes creates again (if it has quota left)."""
+        status = self._keys.get(key.name)
+        if status is not None:
+            status.mark = None
+        await self.store.set_key_mark(key.name, None)
+        log.info("key %s enabled", key.name)
+
+    async def _mark(self, key: KeyConfig, mark: KeyMark, level: int) -> None:
+        status = self._keys.get(key.name)
+        if status is not None:
+            status.mark = mark
+            status.last_error = mark.reason
+        await self.store.set_key_mark(key.name, mark)
+        log.log(level, "key %s is now %s: %s", key.name, mark.state.value, mark.reason)

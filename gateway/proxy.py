@@ -1,0 +1,63 @@
+"""The native surface: `/v1/videos` exactly as upstream speaks it, plus `/healthz`."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from .appkeys import GATEWAY
+from .errors import GatewayError
+from .upstream import Answer
+
+routes = web.RouteTableDef()
+
+CLIENT = "agnes_client"  # request key: the authenticated client's name
+KEY_NAME = "agnes_key"  # request key: the upstream key that served the request, for logs
+
+
+def answer_response(answer: Answer) -> web.Response:
+    """Upstream's answer, status and body unchanged."""
+    return web.Response(status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type})
+
+
+def json_create_body(body: bytes, content_type: str) -> None:
+    """Refuse a JSON create body that is not a JSON object, before any quota is touched."""
+    if not body.strip():
+        raise GatewayError(400, "invalid_json", "the request body is empty; send a JSON object")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise GatewayError(400, "invalid_json", "the request body is not valid JSON (UTF-8)") from None
+    if not isinstance(doc, dict):
+        raise GatewayError(400, "invalid_json", "the request body must be a JSON object")
+
+
+@routes.post("/v1/videos")
+async def create_video(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    body = await request.read()
+    content_type = request.headers.get("Content-Type", "")
+    if request.content_type == "application/json" or not content_type:
+        json_create_body(body, content_type)
+        content_type = content_type or "application/json"
+    created = await gateway.create(body, content_type, request[CLIENT])
+    request[KEY_NAME] = created.task.key_name
+    return answer_response(created.answer)
+
+
+@routes.get("/v1/videos/{task_id}")
+async def get_video(request: web.Request) -> web.Response:
+    polled = await request.app[GATEWAY].poll(request.match_info["task_id"])
+    request[KEY_NAME] = polled.task.key_name
+    return answer_response(polled.answer)
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers and the database is reachable."""
+    try:
+        await request.app[GATEWAY].store.ping()
+    except Exception as exc:  # any database failure means "not healthy"
+        raise GatewayError(503, "database_unavailable", f"database unreachable: {type(exc).__name__}") from None
+    return web.json_response({"status": "ok"})

@@ -1,0 +1,194 @@
+"""Creates and polls through the pool: reserve -> forward -> record -> answer.
+
+Knows nothing of HTTP handlers: the native and any other API surface call `create` and `poll`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import Clock
+from .config import Config, KeyConfig
+from .errors import GatewayError
+from .pool import KeyPool
+from .store import Store, TaskRecord
+from .tasks import TaskDirectory
+from .upstream import Answer, Outcome, UpstreamClient, UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("agnes_gateway.service")
+
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+UNKNOWN_TASK_MEMORY = 10_000
+
+
+@dataclass(frozen=True)
+class Created:
+    """A task upstream accepted, and the answer to pass on."""
+
+    answer: Answer
+    task: TaskRecord
+
+
+@dataclass(frozen=True)
+class Polled:
+    answer: Answer
+    task: TaskRecord
+
+
+class Gateway:
+    """The gateway's behaviour, wired to a store, a pool, an upstream and a clock."""
+
+    def __init__(self, config: Config, store: Store, pool: KeyPool, upstream: UpstreamClient, clock: Clock) -> None:
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.upstream = upstream
+        self.clock = clock
+        self.tasks = TaskDirectory(store)
+        self._unknown: dict[str, float] = {}
+
+    async def create(self, body: bytes, content_type: str, client: str) -> Created:
+        """Make a task on the best key, failing over to the next while upstream refuses the key."""
+        now = self.clock.now()
+        await self.pool.roll_day(now)
+        failure: GatewayError | None = None
+        for key in self.pool.candidates(now):
+            if not self.pool.usable(key, now) or not await self.pool.reserve(key):
+                continue
+            try:
+                answer = await self.upstream.create(key, body, content_type)
+            except UpstreamError as exc:
+                if not exc.not_sent:
+                    # It may have reached upstream and made a task: the unit stays spent, no retry.
+                    log.warning("create on key %s: %s; outcome unknown, not retried", key.name, exc)
+                    raise GatewayError(
+                        504, "upstream_outcome_unknown", f"{exc}; the task may or may not exist"
+                    ) from None
+                await self.pool.release(key)
+                log.warning("create on key %s: %s; trying the next key", key.name, exc)
+                failure = GatewayError(502, "upstream_unreachable", str(exc))
+                continue
+            if answer.outcome is Outcome.OK:
+                return await self._accepted(key, answer, client, now.timestamp())
+            await self.pool.release(key)
+            if answer.outcome is Outcome.QUOTA:
+                await self.pool.mark_spent(key, now, f"upstream refused for quota (HTTP {answer.status})")
+            elif answer.outcome is Outcome.RATE_LIMIT:
+                wait = answer.retry_after or self.config.upstream.rate_limit_cooldown_s
+                await self.pool.mark_cooling(key, now, wait, f"rate limited by upstream for {wait:g} s")
+            elif answer.outcome is Outcome.AUTH:
+                await self.pool.mark_disabled(key, f"upstream refused the key (HTTP {answer.status})")
+            elif answer.outcome is Outcome.SERVER_ERROR:
+                log.warning("create on key %s: upstream answered %d; trying the next key", key.name, answer.status)
+                failure = GatewayError(502, "upstream_error", f"upstream answered HTTP {answer.status}")
+            else:
+                # The request itself was refused: another key would refuse it too.
+                raise PassThrough(answer)
+        if failure is not None:
+            raise failure
+        retry = self.pool.retry_after(now)
+        raise GatewayError(
+            429,
+            "all_keys_exhausted",
+            f"every upstream key is spent, cooling down or disabled; retry in {retry} s",
+            retry_after=retry,
+        )
+
+    async def _accepted(self, key: KeyConfig, answer: Answer, client: str, now: float) -> Created:
+        task_id = _task_id(answer.body)
+        if task_id is None:
+            log.error("create on key %s: upstream accepted but gave no usable task id", key.name)
+            raise GatewayError(502, "upstream_bad_answer", "upstream accepted the task but its answer had no task id")
+        task = TaskRecord(task_id, key.name, client, now)
+        await self.tasks.add(task)
+        return Created(answer, task)
+
+    async def poll(self, task_id: str) -> Polled:
+        """Poll a task with the key that made it (finding that key first if the task is new to us)."""
+        if not TASK_ID_RE.match(task_id):
+            raise GatewayError(400, "invalid_task_id", "task ids are 1-128 letters, digits, '-' or '_'")
+        task = await self.tasks.get(task_id)
+        if task is None:
+            return await self._discover(task_id)
+        key = self.pool.key(task.key_name)
+        if key is None:
+            raise GatewayError(
+                410, "task_key_gone", f"the key that made this task ({task.key_name}) is no longer configured"
+            )
+        answer = await self._poll_with(key, task_id)
+        if answer.outcome is Outcome.AUTH:
+            await self.pool.mark_disabled(key, f"upstream refused the key on a poll (HTTP {answer.status})")
+            raise GatewayError(
+                502, "upstream_key_refused", f"upstream refused the key that made this task ({key.name})"
+            )
+        return Polled(answer, await self._seen(task, answer))
+
+    async def _discover(self, task_id: str) -> Polled:
+        """A task the gateway never saw: ask each key; the first that knows it owns it."""
+        now = self.clock.monotonic()
+        if self._unknown.get(task_id, 0.0) > now:
+            raise GatewayError(404, "task_not_found", f"no key knows task {task_id}")
+        for key in self.pool.poll_keys():
+            answer = await self._poll_with(key, task_id)
+            if answer.outcome in (Outcome.NOT_FOUND, Outcome.AUTH):
+                continue
+            task = TaskRecord(task_id, key.name, "unknown", self.clock.now().timestamp())
+            await self.tasks.add(task)
+            log.info("task %s found on key %s", task_id, key.name)
+            return Polled(answer, await self._seen(task, answer))
+        if len(self._unknown) >= UNKNOWN_TASK_MEMORY:
+            self._unknown.clear()
+        self._unknown[task_id] = now + 60.0
+        raise GatewayError(404, "task_not_found", f"no key knows task {task_id}")
+
+    async def _poll_with(self, key: KeyConfig, task_id: str) -> Answer:
+        try:
+            return await self.upstream.poll(key, task_id)
+        except UpstreamError as exc:
+            log.warning("poll of %s on key %s: %s", task_id, key.name, exc)
+            status, code = (
+                (504, "upstream_timeout") if isinstance(exc, UpstreamTimeout) else (502, "upstream_unreachable")
+            )
+            raise GatewayError(status, code, str(exc)) from None
+
+    async def _seen(self, task: TaskRecord, answer: Answer) -> TaskRecord:
+        if answer.outcome is not Outcome.OK:
+            return task
+        doc = _json(answer.body)
+        status = doc.get("status") if doc else None
+        if not isinstance(status, str):
+            return task
+        progress = doc.get("progress") if doc else None
+        return await self.tasks.seen(
+            task, status, progress if isinstance(progress, int) else None, self.clock.now().timestamp()
+        )
+
+
+class PassThrough(Exception):
+    """Upstream's own answer, to be given to the client as it is."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(f"upstream answered HTTP {answer.status}")
+        self.answer = answer
+
+
+def _json(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _task_id(body: bytes) -> str | None:
+    """The new task's id: `task_id`, or `id` as some versions answer."""
+    doc = _json(body) or {}
+    for field in ("task_id", "id"):
+        value = doc.get(field)
+        if isinstance(value, str) and TASK_ID_RE.match(value):
+            return value
+    return None

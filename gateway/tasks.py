@@ -1,0 +1,48 @@
+"""Task routes: which key owns which task, from a bounded in-memory cache in front of the store."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import replace
+
+from .store import Store, TaskRecord
+
+
+class TaskDirectory:
+    """Finds and records task routes; the store is the truth, the cache saves it the trips."""
+
+    def __init__(self, store: Store, cache_size: int = 100_000) -> None:
+        self.store = store
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, TaskRecord] = OrderedDict()
+
+    async def add(self, task: TaskRecord) -> None:
+        """Record a route durably before anyone is told of the task."""
+        await self.store.add_task(task)
+        self._remember(task)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        task = self._cache.get(task_id)
+        if task is not None:
+            self._cache.move_to_end(task_id)
+            return task
+        task = await self.store.get_task(task_id)
+        if task is not None:
+            self._remember(task)
+        return task
+
+    async def seen(self, task: TaskRecord, status: str, progress: int | None, now: float) -> TaskRecord:
+        """Note the status a poll saw; the store is written only when the status changes."""
+        if status == task.status and progress == task.progress:
+            return task
+        updated = replace(task, status=status, progress=progress, updated_at=now)
+        if status != task.status:
+            await self.store.update_task(task.task_id, status, progress, now)
+        self._remember(updated)
+        return updated
+
+    def _remember(self, task: TaskRecord) -> None:
+        self._cache[task.task_id] = task
+        self._cache.move_to_end(task.task_id)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)

@@ -1,0 +1,126 @@
+"""Shared fixtures: a real simulator and a real gateway, both aiohttp servers on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.appkeys import GATEWAY
+from gateway.clock import ManualClock
+from gateway.config import Config, parse_config
+from gateway.service import Gateway
+from gateway.simulator import SIMULATOR_STATE, SimulatorConfig, SimulatorState, create_simulator_app
+
+KEY_A = "sk-test-alpha-0000000001"
+KEY_B = "sk-test-bravo-0000000002"
+KEY_C = "sk-test-charlie-00000003"
+TOKEN = "tok-team-a-0123456789abcdef"
+BODY = {"model": "agnes-video-v2.0", "prompt": "A cat playing piano in a jazz bar"}
+
+Client = TestClient[web.Request, web.Application]
+
+
+@dataclass
+class Upstream:
+    """The running simulator: its base URL and its state, for asserting what reached it."""
+
+    server: TestServer
+    state: SimulatorState
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+@dataclass
+class Running:
+    """A running gateway: a client for it, its app and its config."""
+
+    client: Client
+    app: web.Application
+    config: Config
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    async def create(self, body: dict[str, Any] | None = None, **headers: str) -> aiohttp.ClientResponse:
+        return await self.client.post("/v1/videos", json=body or BODY, headers=headers)
+
+    async def poll(self, task_id: str, **headers: str) -> aiohttp.ClientResponse:
+        return await self.client.get(f"/v1/videos/{task_id}", headers=headers)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    # 12:00 in Shanghai: the quota day started at midnight there.
+    return ManualClock(current=datetime(2026, 3, 2, 4, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def make_upstream(aiohttp_server: Any, clock: ManualClock) -> Callable[..., Awaitable[Upstream]]:
+    async def make(keys: dict[str, int | None] | None = None, **settings: Any) -> Upstream:
+        config = SimulatorConfig(keys=keys or {KEY_A: 100, KEY_B: 100, KEY_C: 100}, task_seconds=10, **settings)
+        app = create_simulator_app(config, clock=clock)
+        server = await aiohttp_server(app)
+        return Upstream(server, app[SIMULATOR_STATE])
+
+    return make
+
+
+@pytest.fixture
+async def upstream(make_upstream: Callable[..., Awaitable[Upstream]]) -> Upstream:
+    return await make_upstream()
+
+
+def gateway_config(upstream_url: str, database: Path, **overrides: Any) -> dict[str, Any]:
+    """A config document with three keys (a, b at priority 0; c a backup) and no clients."""
+    doc: dict[str, Any] = {
+        "upstream": {"base_url": upstream_url, "timeout_s": 2},
+        "database": str(database),
+        "keys": [
+            {"name": "a", "key": KEY_A, "daily_limit": 10},
+            {"name": "b", "key": KEY_B, "daily_limit": 10},
+            {"name": "c", "key": KEY_C, "daily_limit": 10, "priority": 1},
+        ],
+    }
+    doc.update(overrides)
+    return doc
+
+
+@pytest.fixture
+async def make_gateway(
+    aiohttp_client: Any, upstream: Upstream, tmp_path: Path, clock: ManualClock
+) -> Callable[..., Awaitable[Running]]:
+    """Start a gateway in front of `upstream`; keyword arguments override parts of the config."""
+
+    async def make(doc: dict[str, Any] | None = None, **overrides: Any) -> Running:
+        config = parse_config(doc or gateway_config(upstream.url, tmp_path / "gateway.db", **overrides))
+        app = create_app(config, clock=clock)
+        client: Client = await aiohttp_client(app)
+        return Running(client, app, config)
+
+    return make
+
+
+@pytest.fixture
+async def gw(make_gateway: Callable[..., Awaitable[Running]]) -> Running:
+    return await make_gateway()
+
+
+async def direct_poll(upstream: Upstream, key: str, task_id: str) -> tuple[int, bytes]:
+    """Poll the simulator directly, to compare with what the gateway passed on."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{upstream.url}/v1/videos/{task_id}", headers={"Authorization": f"Bearer {key}"}) as resp,
+    ):
+        return resp.status, await resp.read()

@@ -1,0 +1,67 @@
+"""Running the real `agnes-gateway` command in a child process, for crash and CLI tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start(
+    args: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> asyncio.subprocess.Process:
+    """Start `python -m gateway ARGS` with its output kept in a pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+async def wait_ready(url: str, proc: asyncio.subprocess.Process, within_s: float = 15.0) -> None:
+    """Wait until `url` answers 200 (bounded), failing early if the process exits."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    async with aiohttp.ClientSession() as session:
+        while asyncio.get_running_loop().time() < deadline:
+            if proc.returncode is not None:
+                out = await proc.stdout.read() if proc.stdout else b""
+                raise AssertionError(f"process exited with {proc.returncode}: {out.decode(errors='replace')}")
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not become ready in {within_s} s")
+
+
+async def stop(proc: asyncio.subprocess.Process, sig: int | None = None) -> bytes:
+    """Stop the process (SIGTERM by default) and return everything it printed."""
+    if proc.returncode is None:
+        if sig is None:
+            proc.terminate()
+        else:
+            proc.send_signal(sig)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=15)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+    return out or b""

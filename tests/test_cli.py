@@ -1,0 +1,101 @@
+"""The `agnes-gateway` command as a user runs it: check-config, demo, simulate."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from .conftest import BODY
+from .procs import free_port, start, stop, wait_ready
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=30, env=env, cwd=ROOT
+    )
+
+
+def test_check_config_accepts_a_good_file_without_showing_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "g.yaml"
+    config.write_text("keys:\n  - {name: main, key: sk-secret-key-000000009999, daily_limit: 5}\n")
+    result = run("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "main" in result.stdout and "…9999" in result.stdout
+    assert "sk-secret-key" not in result.stdout
+
+
+def test_check_config_names_the_bad_field(tmp_path: Path) -> None:
+    config = tmp_path / "g.yaml"
+    config.write_text("keys:\n  - {name: main, key: sk-1}\nquota: {timezone: Nowhere/Land}\n")
+    result = run("check-config", str(config))
+    assert result.returncode == 2
+    assert "quota.timezone" in result.stderr
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("serve", "check-config", "simulate", "demo"):
+        assert command in result.stdout
+
+
+async def test_demo_runs_a_gateway_over_the_simulator(tmp_path: Path) -> None:
+    port, upstream_port = free_port(), free_port()
+    proc = await start(
+        [
+            "demo",
+            "--port",
+            str(port),
+            "--upstream-port",
+            str(upstream_port),
+            "--database",
+            str(tmp_path / "d.db"),
+            "--task-seconds",
+            "0",
+        ]
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(f"{base}/healthz", proc)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                assert resp.status == 200
+                task_id = (await resp.json())["task_id"]
+            async with session.get(f"{base}/v1/videos/{task_id}") as resp:
+                doc = await resp.json()
+            assert doc["status"] == "completed"
+            async with session.get(doc["remixed_from_video_id"]) as resp:
+                assert resp.status == 200
+                assert (await resp.read())[4:8] == b"ftyp"
+            # 18 units in the demo pool: the 19th create finds it dry.
+            codes = []
+            for _ in range(18):
+                async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                    codes.append(resp.status)
+            assert codes[-1] == 429 and codes.count(200) == 17
+    finally:
+        out = await stop(proc, signal.SIGINT)
+    assert b"curl" in out
+    assert proc.returncode == 0
+
+
+async def test_simulate_serves_the_upstream_api() -> None:
+    port = free_port()
+    proc = await start(["simulate", "--port", str(port), "--key", "sk-sim-0001:1", "--task-seconds", "0"])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(f"{base}/_sim/stats", proc)
+        headers = {"Authorization": "Bearer sk-sim-0001"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                assert resp.status == 200
+            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                assert resp.status == 429
+    finally:
+        await stop(proc)

@@ -1,0 +1,120 @@
+"""Config: key sources, `${ENV}` expansion, defaults, and errors that name their field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ConfigError, Secret, default_config, load_config, parse_config
+
+KEYS = [{"name": "a", "key": "sk-inline-000000001"}]
+
+
+def parse(doc: dict[str, Any], env: dict[str, str] | None = None, base: Path | None = None) -> Any:
+    return parse_config(doc, env=env or {}, base_dir=base)
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    key_file = tmp_path / ".agnes_api_key"
+    key_file.write_text("sk-from-file-0000000001\n")
+    env = {
+        "HOME": str(tmp_path),
+        "AGNES_KEY_SPARE": "sk-from-env-00000000002",
+        "GATEWAY_TOKEN_TEAM_A": "team-a-token-0123456789",
+        "GATEWAY_ADMIN_TOKEN": "admin-token-0123456789",
+    }
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(tmp_path))
+        config = load_config(example, env=env)
+    assert [k.name for k in config.keys] == ["primary", "spare"]
+    assert config.keys[0].secret.reveal() == "sk-from-file-0000000001"
+    assert config.keys[1].secret.reveal() == "sk-from-env-00000000002"
+    assert config.clients[0].token.reveal() == "team-a-token-0123456789"
+
+
+def test_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "k").write_text("  sk-file-key-000000003 \n")
+    config = parse(
+        {
+            "keys": [
+                {"name": "inline", "key": "sk-inline-000000001"},
+                {"name": "env", "key_env": "MY_KEY"},
+                {"name": "file", "key_file": "~/k", "daily_limit": 50, "priority": 2},
+            ]
+        },
+        env={"MY_KEY": "sk-env-key-0000000002"},
+    )
+    assert [k.secret.reveal() for k in config.keys] == [
+        "sk-inline-000000001",
+        "sk-env-key-0000000002",
+        "sk-file-key-000000003",
+    ]
+    assert (config.keys[2].daily_limit, config.keys[2].priority) == (50, 2)
+    assert config.keys[0].daily_limit is None
+
+
+def test_zero_config_uses_the_guides_key_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="agnes_api_key"):
+        default_config({})
+    (tmp_path / ".agnes_api_key").write_text("sk-main-000000000001\n")
+    assert [k.name for k in default_config({}).keys] == ["primary"]
+    (tmp_path / ".agnes_api_key_old").write_text("sk-old-0000000000002\n")
+    config = load_config(None, env={})
+    assert [(k.name, k.priority) for k in config.keys] == [("primary", 0), ("backup", 1)]
+    assert config.upstream.base_url == "https://apihub.agnes-ai.com"
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"keys": KEYS, "bogus": 1}, "bogus"),
+        ({"keys": [{"name": "a", "key": "sk-1", "colour": "red"}]}, "keys[0].colour"),
+        ({"keys": [*KEYS, {"name": "a", "key": "sk-other-00000001"}]}, "keys[1].name"),
+        ({"keys": [{"name": "a"}]}, "keys[0]"),
+        ({"keys": [{"name": "a", "key": "x", "key_env": "Y"}]}, "keys[0]"),
+        ({"keys": [{"name": "a", "key_env": "NOPE"}]}, "keys[0].key_env"),
+        ({"keys": [{"name": "a", "key_file": "/does/not/exist"}]}, "keys[0].key_file"),
+        ({"keys": KEYS, "quota": {"timezone": "Mars/Olympus"}}, "quota.timezone"),
+        ({"keys": KEYS, "quota": {"reset_time": "25:00"}}, "quota.reset_time"),
+        ({"keys": KEYS, "listen": {"port": 70000}}, "listen.port"),
+        ({"keys": KEYS, "listen": {"port": "80"}}, "listen.port"),
+        ({"keys": []}, "keys"),
+        ({"keys": [{"name": "a", "key": "sk-1", "daily_limit": -1}]}, "keys[0].daily_limit"),
+        ({"keys": KEYS, "clients": [{"name": "c", "token": "short"}]}, "clients[0].token"),
+        ({"keys": KEYS, "clients": [{"name": "c", "token": "sk-inline-000000001"}]}, "clients[0].token"),
+        ({"keys": KEYS, "upstream": {"base_url": "ftp://x"}}, "upstream.base_url"),
+        ({"keys": KEYS, "upstream": {"quota_pattern": "("}}, "upstream.quota_pattern"),
+        ({"keys": KEYS, "log": {"format": "xml"}}, "log.format"),
+        ({"keys": KEYS, "admin_token": "${UNSET_VAR}"}, "admin_token"),
+    ],
+)
+def test_errors_name_the_field(doc: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(doc)
+    assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+def test_env_expansion_in_any_string() -> None:
+    config = parse(
+        {"keys": [{"name": "a", "key": "${K}"}], "database": "/var/lib/${APP}/g.db", "admin_token": "${ADMIN:-}"},
+        env={"K": "sk-expanded-000000001", "APP": "gw"},
+    )
+    assert config.keys[0].secret.reveal() == "sk-expanded-000000001"
+    assert config.database == "/var/lib/gw/g.db"
+    assert config.admin_token is None
+
+
+def test_relative_database_is_beside_the_config_file(tmp_path: Path) -> None:
+    assert parse({"keys": KEYS, "database": "g.db"}, base=tmp_path).database == str(tmp_path / "g.db")
+
+
+def test_secrets_never_print() -> None:
+    secret = Secret("sk-very-secret-value-1234")
+    config = parse({"keys": [{"name": "a", "key": secret.reveal()}], "clients": [{"name": "c", "token": "t" * 20}]})
+    assert "sk-very-secret" not in repr(config) and "t" * 20 not in repr(config)
+    assert secret.masked() == "…1234"
