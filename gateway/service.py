@@ -8,19 +8,35 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 from .clock import Clock
 from .config import Config, KeyConfig
 from .errors import GatewayError
+from .events import Events
 from .pool import KeyPool
 from .store import Store, TaskRecord
 from .tasks import TaskDirectory
-from .upstream import Answer, Outcome, UpstreamClient, UpstreamError, UpstreamTimeout
+from .upstream import (
+    Answer,
+    Outcome,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 log = logging.getLogger("agnes_gateway.service")
 
+FAILOVER_REASONS = {
+    Outcome.QUOTA: "quota",
+    Outcome.RATE_LIMIT: "rate_limit",
+    Outcome.AUTH: "auth",
+    Outcome.SERVER_ERROR: "error",
+}
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 UNKNOWN_TASK_MEMORY = 10_000
 
@@ -42,12 +58,21 @@ class Polled:
 class Gateway:
     """The gateway's behaviour, wired to a store, a pool, an upstream and a clock."""
 
-    def __init__(self, config: Config, store: Store, pool: KeyPool, upstream: UpstreamClient, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        pool: KeyPool,
+        upstream: UpstreamClient,
+        clock: Clock,
+        events: Events | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
         self.upstream = upstream
         self.clock = clock
+        self.events = events or Events()
         self.tasks = TaskDirectory(store)
         self._unknown: dict[str, float] = {}
 
@@ -60,7 +85,7 @@ class Gateway:
             if not self.pool.usable(key, now) or not await self.pool.reserve(key):
                 continue
             try:
-                answer = await self.upstream.create(key, body, content_type)
+                answer = await self._call(key, "create", self.upstream.create(key, body, content_type))
             except UpstreamError as exc:
                 if not exc.not_sent:
                     # It may have reached upstream and made a task: the unit stays spent, no retry.
@@ -70,11 +95,14 @@ class Gateway:
                     ) from None
                 await self.pool.release(key)
                 log.warning("create on key %s: %s; trying the next key", key.name, exc)
+                self.events.failover("error")
                 failure = GatewayError(502, "upstream_unreachable", str(exc))
                 continue
             if answer.outcome is Outcome.OK:
                 return await self._accepted(key, answer, client, now.timestamp())
             await self.pool.release(key)
+            if answer.outcome in FAILOVER_REASONS:
+                self.events.failover(FAILOVER_REASONS[answer.outcome])
             if answer.outcome is Outcome.QUOTA:
                 await self.pool.mark_spent(key, now, f"upstream refused for quota (HTTP {answer.status})")
             elif answer.outcome is Outcome.RATE_LIMIT:
@@ -105,6 +133,7 @@ class Gateway:
             raise GatewayError(502, "upstream_bad_answer", "upstream accepted the task but its answer had no task id")
         task = TaskRecord(task_id, key.name, client, now)
         await self.tasks.add(task)
+        self.events.task_created(key.name, client)
         return Created(answer, task)
 
     async def poll(self, task_id: str) -> Polled:
@@ -145,9 +174,26 @@ class Gateway:
         self._unknown[task_id] = now + 60.0
         raise GatewayError(404, "task_not_found", f"no key knows task {task_id}")
 
+    async def _call(self, key: KeyConfig, operation: str, call: Awaitable[Answer]) -> Answer:
+        """Await one upstream call, reporting its outcome and duration."""
+        started = time.perf_counter()
+        outcome = "broken"
+        try:
+            answer = await call
+            outcome = answer.outcome.value
+            return answer
+        except UpstreamTimeout:
+            outcome = "timeout"
+            raise
+        except UpstreamUnreachable:
+            outcome = "unreachable"
+            raise
+        finally:
+            self.events.upstream_call(key.name, operation, outcome, time.perf_counter() - started)
+
     async def _poll_with(self, key: KeyConfig, task_id: str) -> Answer:
         try:
-            return await self.upstream.poll(key, task_id)
+            return await self._call(key, "poll", self.upstream.poll(key, task_id))
         except UpstreamError as exc:
             log.warning("poll of %s on key %s: %s", task_id, key.name, exc)
             status, code = (

@@ -37,6 +37,16 @@ class TaskRecord:
     status: str | None = None
     progress: int | None = None
     updated_at: float | None = None
+    #: The final answer once the task is completed or failed: it never changes, so it is served from here.
+    terminal_body: bytes | None = None
+    #: The client's `Idempotency-Key`, if it sent one: a repeated create gets this task back.
+    idempotency_key: str | None = None
+    #: What the create asked for (JSON text), for surfaces that echo it back (prompt, size, ...).
+    request_meta: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.terminal_body is not None
 
 
 class Store(Protocol):
@@ -83,4 +93,42 @@ class Store(Protocol):
 
     async def update_task(self, task_id: str, status: str, progress: int | None, updated_at: float) -> None:
         """Remember the last status seen for a task."""
+        ...
+
+    async def set_terminal(self, task_id: str, status: str, body: bytes, updated_at: float) -> None:
+        """Keep a task's final answer (completed or failed) so it is served without upstream."""
+        ...
+
+    async def find_idempotent(self, client: str, idempotency_key: str) -> TaskRecord | None:
+        """The task `client` created with `idempotency_key`, if any."""
+        ...
+
+    async def list_tasks(
+        self, client: str | None, limit: int, before: tuple[float, str] | None = None
+    ) -> list[TaskRecord]:
+        """Tasks newest first (of one client, or all), strictly older than `before` = (created_at, task_id)."""
+        ...
+
+    async def delete_task(self, task_id: str) -> bool:
+        """Forget a task's route; True if there was one."""
+        ...
+
+    async def prune_tasks(self, older_than: float, batch: int) -> int:
+        """Delete up to `batch` tasks created before `older_than`; returns how many went."""
+        ...
+
+    async def task_counts(self) -> dict[str, int]:
+        """Number of tasks by last seen status (`unknown` when never polled)."""
+        ...
+
+    async def reserve_client(self, client: str, day: str, limit: int | None) -> int | None:
+        """Count one create for `client` on `day`, atomically; None when it reached `limit`."""
+        ...
+
+    async def release_client(self, client: str, day: str) -> int:
+        """Undo `reserve_client` for a create that made no task."""
+        ...
+
+    async def client_usage(self, day: str) -> dict[str, int]:
+        """Creates per client on `day`."""
         ...

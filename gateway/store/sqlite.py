@@ -10,6 +10,10 @@ from .base import KeyMark, KeyState, TaskRecord
 
 SCHEMA_VERSION = 1
 
+TASK_COLUMNS = (
+    "task_id, key_name, client, created_at, status, progress, updated_at, terminal_body, idempotency_key, request_meta"
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS quota_usage (
@@ -25,6 +29,12 @@ CREATE TABLE IF NOT EXISTS key_marks (
     until REAL,
     fingerprint TEXT
 );
+CREATE TABLE IF NOT EXISTS client_usage (
+    client TEXT NOT NULL,
+    day TEXT NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (client, day)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
     key_name TEXT NOT NULL,
@@ -32,9 +42,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at REAL NOT NULL,
     status TEXT,
     progress INTEGER,
-    updated_at REAL
+    updated_at REAL,
+    terminal_body BLOB,
+    idempotency_key TEXT,
+    request_meta TEXT
 );
-CREATE INDEX IF NOT EXISTS tasks_created_at ON tasks (created_at);
+CREATE INDEX IF NOT EXISTS tasks_created_at ON tasks (created_at, task_id);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (client, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 """
 
 
@@ -78,13 +93,30 @@ class SQLiteStore:
             await cur.fetchone()
 
     async def reserve(self, key_name: str, day: str, limit: int | None) -> int | None:
+        return await self._count_up("quota_usage", "key_name", key_name, day, limit)
+
+    async def release(self, key_name: str, day: str) -> int:
+        return await self._count_down("quota_usage", "key_name", key_name, day)
+
+    async def reserve_client(self, client: str, day: str, limit: int | None) -> int | None:
+        return await self._count_up("client_usage", "client", client, day, limit)
+
+    async def release_client(self, client: str, day: str) -> int:
+        return await self._count_down("client_usage", "client", client, day)
+
+    async def client_usage(self, day: str) -> dict[str, int]:
+        async with self.db.execute("SELECT client, used FROM client_usage WHERE day = ?", (day,)) as cur:
+            return {str(name): int(used) async for name, used in cur}
+
+    async def _count_up(self, table: str, column: str, name: str, day: str, limit: int | None) -> int | None:
+        """One conditional upsert: atomic even across processes sharing the file."""
         if limit is not None and limit <= 0:
             return None
         sql = (
-            "INSERT INTO quota_usage (key_name, day, used) VALUES (?, ?, 1) "
-            "ON CONFLICT (key_name, day) DO UPDATE SET used = used + 1"
+            f"INSERT INTO {table} ({column}, day, used) VALUES (?, ?, 1) "
+            f"ON CONFLICT ({column}, day) DO UPDATE SET used = used + 1"
         )
-        params: tuple[object, ...] = (key_name, day)
+        params: tuple[object, ...] = (name, day)
         if limit is not None:
             sql += " WHERE used < ?"
             params += (limit,)
@@ -92,10 +124,10 @@ class SQLiteStore:
             row = await cur.fetchone()
         return None if row is None else int(row[0])
 
-    async def release(self, key_name: str, day: str) -> int:
+    async def _count_down(self, table: str, column: str, name: str, day: str) -> int:
         async with self.db.execute(
-            "UPDATE quota_usage SET used = used - 1 WHERE key_name = ? AND day = ? AND used > 0 RETURNING used",
-            (key_name, day),
+            f"UPDATE {table} SET used = used - 1 WHERE {column} = ? AND day = ? AND used > 0 RETURNING used",
+            (name, day),
         ) as cur:
             row = await cur.fetchone()
         return 0 if row is None else int(row[0])
@@ -124,16 +156,29 @@ class SQLiteStore:
 
     async def add_task(self, task: TaskRecord) -> None:
         await self.db.execute(
-            "INSERT OR REPLACE INTO tasks (task_id, key_name, client, created_at, status, progress, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (task.task_id, task.key_name, task.client, task.created_at, task.status, task.progress, task.updated_at),
+            f"INSERT OR REPLACE INTO tasks ({TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                task.task_id,
+                task.key_name,
+                task.client,
+                task.created_at,
+                task.status,
+                task.progress,
+                task.updated_at,
+                task.terminal_body,
+                task.idempotency_key,
+                task.request_meta,
+            ),
         )
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        async with self.db.execute(
-            "SELECT task_id, key_name, client, created_at, status, progress, updated_at FROM tasks WHERE task_id = ?",
-            (task_id,),
-        ) as cur:
+        return await self._one_task("task_id = ?", (task_id,))
+
+    async def find_idempotent(self, client: str, idempotency_key: str) -> TaskRecord | None:
+        return await self._one_task("client = ? AND idempotency_key = ?", (client, idempotency_key))
+
+    async def _one_task(self, where: str, params: tuple[object, ...]) -> TaskRecord | None:
+        async with self.db.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where}", params) as cur:
             row = await cur.fetchone()
         return None if row is None else TaskRecord(*row)
 
@@ -142,3 +187,42 @@ class SQLiteStore:
             "UPDATE tasks SET status = ?, progress = ?, updated_at = ? WHERE task_id = ?",
             (status, progress, updated_at, task_id),
         )
+
+    async def set_terminal(self, task_id: str, status: str, body: bytes, updated_at: float) -> None:
+        await self.db.execute(
+            "UPDATE tasks SET status = ?, progress = NULL, updated_at = ?, terminal_body = ? WHERE task_id = ?",
+            (status, updated_at, body, task_id),
+        )
+
+    async def list_tasks(
+        self, client: str | None, limit: int, before: tuple[float, str] | None = None
+    ) -> list[TaskRecord]:
+        where: list[str] = ["1 = 1"]
+        params: list[object] = []
+        if client is not None:
+            where.append("client = ?")
+            params.append(client)
+        if before is not None:
+            where.append("(created_at, task_id) < (?, ?)")
+            params.extend(before)
+        sql = (
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, task_id DESC LIMIT ?"
+        )
+        async with self.db.execute(sql, (*params, limit)) as cur:
+            return [TaskRecord(*row) async for row in cur]
+
+    async def delete_task(self, task_id: str) -> bool:
+        async with self.db.execute("DELETE FROM tasks WHERE task_id = ? RETURNING task_id", (task_id,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def prune_tasks(self, older_than: float, batch: int) -> int:
+        async with self.db.execute(
+            "DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks WHERE created_at < ? LIMIT ?) RETURNING 1",
+            (older_than, batch),
+        ) as cur:
+            return len(list(await cur.fetchall()))
+
+    async def task_counts(self) -> dict[str, int]:
+        async with self.db.execute("SELECT COALESCE(status, 'unknown'), COUNT(*) FROM tasks GROUP BY 1") as cur:
+            return {str(status): int(n) async for status, n in cur}

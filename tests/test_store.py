@@ -1,0 +1,103 @@
+"""The `Store` contract, checked against a real database file."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store import KeyMark, KeyState, SQLiteStore, Store, TaskRecord
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = SQLiteStore(str(tmp_path / "store.db"))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_reserve_is_atomic_under_concurrency(store: Store) -> None:
+    results = await asyncio.gather(*(store.reserve("a", "2026-03-02", 10) for _ in range(40)))
+    assert sorted(r for r in results if r is not None) == list(range(1, 11))
+    assert results.count(None) == 30
+    assert await store.usage("2026-03-02") == {"a": 10}
+    assert await store.usage("2026-03-03") == {}
+
+
+async def test_release_gives_back_and_never_goes_negative(store: Store) -> None:
+    assert await store.reserve("a", "d", None) == 1
+    assert await store.reserve("a", "d", None) == 2
+    assert await store.release("a", "d") == 1
+    assert await store.release("a", "d") == 0
+    assert await store.release("a", "d") == 0
+    assert await store.reserve("a", "d", 0) is None
+
+
+async def test_client_counts_are_separate_from_key_counts(store: Store) -> None:
+    assert await store.reserve_client("team-a", "d", 2) == 1
+    assert await store.reserve_client("team-a", "d", 2) == 2
+    assert await store.reserve_client("team-a", "d", 2) is None
+    assert await store.release_client("team-a", "d") == 1
+    assert await store.client_usage("d") == {"team-a": 1}
+    assert await store.usage("d") == {}
+
+
+async def test_key_marks_round_trip(store: Store) -> None:
+    await store.set_key_mark("a", KeyMark(KeyState.SPENT, "quota", 123.5))
+    await store.set_key_mark("b", KeyMark(KeyState.DISABLED, "401", None, "abcd"))
+    await store.set_key_mark("a", KeyMark(KeyState.COOLING, "429", 99.0))
+    assert await store.key_marks() == {
+        "a": KeyMark(KeyState.COOLING, "429", 99.0),
+        "b": KeyMark(KeyState.DISABLED, "401", None, "abcd"),
+    }
+    await store.set_key_mark("a", None)
+    assert set(await store.key_marks()) == {"b"}
+
+
+async def test_tasks_round_trip(store: Store) -> None:
+    task = TaskRecord("t1", "a", "team-a", 100.0, idempotency_key="idem-1", request_meta='{"prompt": "p"}')
+    await store.add_task(task)
+    assert await store.get_task("t1") == task
+    assert await store.get_task("nope") is None
+    await store.update_task("t1", "in_progress", 40, 101.0)
+    got = await store.get_task("t1")
+    assert got is not None and (got.status, got.progress, got.updated_at) == ("in_progress", 40, 101.0)
+    await store.set_terminal("t1", "completed", b'{"status": "completed"}', 102.0)
+    got = await store.get_task("t1")
+    assert got is not None and got.terminal and got.terminal_body == b'{"status": "completed"}'
+    assert await store.find_idempotent("team-a", "idem-1") == got
+    assert await store.find_idempotent("team-b", "idem-1") is None
+    assert await store.task_counts() == {"completed": 1}
+
+
+async def test_list_delete_and_prune(store: Store) -> None:
+    for i in range(5):
+        await store.add_task(TaskRecord(f"t{i}", "a", "team-a" if i % 2 == 0 else "team-b", 100.0 + i))
+    newest = await store.list_tasks(None, 2)
+    assert [t.task_id for t in newest] == ["t4", "t3"]
+    page = await store.list_tasks(None, 10, before=(newest[-1].created_at, newest[-1].task_id))
+    assert [t.task_id for t in page] == ["t2", "t1", "t0"]
+    assert [t.task_id for t in await store.list_tasks("team-a", 10)] == ["t4", "t2", "t0"]
+    assert await store.delete_task("t4") is True
+    assert await store.delete_task("t4") is False
+    assert await store.prune_tasks(older_than=102.0, batch=1) == 1
+    assert await store.prune_tasks(older_than=102.0, batch=10) == 1
+    assert sorted(t.task_id for t in await store.list_tasks(None, 10)) == ["t2", "t3"]
+    assert await store.task_counts() == {"unknown": 2}
+
+
+async def test_counts_survive_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    first = SQLiteStore(path)
+    await first.open()
+    await first.reserve("a", "d", 5)
+    await first.add_task(TaskRecord("t", "a", "c", 1.0))
+    await first.close()
+    second = SQLiteStore(path)
+    await second.open()
+    assert await second.usage("d") == {"a": 1}
+    assert await second.get_task("t") is not None
+    await second.close()
