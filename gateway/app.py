@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from .appkeys import GATEWAY
+from . import logs
+from .appkeys import GATEWAY, METRICS
 from .auth import identify
 from .clock import Clock, SystemClock
 from .config import Config
 from .errors import GatewayError, error_response
+from .metrics import UNMATCHED_ROUTE, GatewayMetrics, create_metrics_app, metrics_handler
 from .pool import KeyPool
 from .proxy import CLIENT, KEY_NAME, answer_response, routes
 from .service import Gateway, PassThrough
@@ -26,24 +28,36 @@ access_log = logging.getLogger("agnes_gateway.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AUTHENTICATED_PREFIXES = ("/v1/",)
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID = "agnes_request_id"  # request key: this request's id
+#: Probes and scrapes arrive every few seconds: their access lines are DEBUG, their metrics still count.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Status logged and counted when the client went away before the answer (as nginx does).
+CLIENT_CLOSED = 499
 
 
 def create_app(config: Config, *, clock: Clock | None = None, store: Store | None = None) -> web.Application:
     """A ready-to-run gateway; the store and upstream session open and close with the app."""
     clock = clock or SystemClock()
     store = store or open_store(config.database)
+    metrics = GatewayMetrics()
     app = web.Application(
         client_max_size=config.limits.max_body_bytes,
-        middlewares=[_access_log, _errors, _authenticate],
+        middlewares=[_observe, _errors, _authenticate],
     )
+    app[METRICS] = metrics
     app.router.add_routes(routes)
+    if config.metrics.port is None:
+        app.router.add_get("/metrics", metrics_handler(metrics, config.metrics.token))
+    app.on_response_prepare.append(_send_request_id)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         session = UpstreamClient.new_session(config.upstream)
         pool = KeyPool(config.keys, store, config.schedule)
         await pool.load(clock.now())
-        app[GATEWAY] = Gateway(config, store, pool, UpstreamClient(config.upstream, session), clock)
+        app[GATEWAY] = Gateway(config, store, pool, UpstreamClient(config.upstream, session), clock, events=metrics)
+        metrics.bind(app[GATEWAY])
         try:
             yield
         finally:
@@ -54,27 +68,64 @@ def create_app(config: Config, *, clock: Clock | None = None, store: Store | Non
     return app
 
 
+def route_label(request: web.Request) -> str:
+    """The route template (`/v1/videos/{task_id}`), never the raw path, so labels stay few."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED_ROUTE
+
+
 @web.middleware
-async def _access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One line per request: method, route, status, client, key, duration; never a token."""
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per request: its id, one access line (method, route, status, client, key, duration) and its metrics."""
+    rid = logs.accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+    request[REQUEST_ID] = rid
+    token = logs.request_id.set(rid)
     started = time.perf_counter()
     status = 500
     try:
         response = await handler(request)
         status = response.status
         return response
+    except web.HTTPException as exc:  # redirects and the like, passed on by `_errors`
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
     finally:
-        if access_log.isEnabledFor(logging.INFO):
-            route = request.match_info.route.resource
-            access_log.info(
+        seconds = time.perf_counter() - started
+        route = route_label(request)
+        request.app[METRICS].request(route, status, seconds)
+        level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+        if access_log.isEnabledFor(level):
+            client, key = request.get(CLIENT), request.get(KEY_NAME)
+            access_log.log(
+                level,
                 "%s %s %d client=%s key=%s %.1fms",
                 request.method,
-                route.canonical if route is not None else "<unmatched>",
+                route,
                 status,
-                request.get(CLIENT, "-"),
-                request.get(KEY_NAME, "-"),
-                (time.perf_counter() - started) * 1000,
+                client or "-",
+                key or "-",
+                seconds * 1000,
+                extra={
+                    "request_id": rid,
+                    "method": request.method,
+                    "route": route,
+                    "status": status,
+                    "client": client,
+                    "key": key,
+                    "duration_ms": round(seconds * 1000, 1),
+                },
             )
+        logs.request_id.reset(token)
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries the request's id, so a client can quote it when asking about a request."""
+    rid = request.get(REQUEST_ID)
+    if isinstance(rid, str):
+        response.headers[REQUEST_ID_HEADER] = rid
 
 
 @web.middleware
@@ -126,8 +177,20 @@ async def serve(config: Config, *, clock: Clock | None = None) -> None:
     app = create_app(config, clock=clock)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port)
-    await site.start()
+    runners = [runner]
+    try:
+        await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+        if config.metrics.port is not None:
+            metrics_runner = web.AppRunner(create_metrics_app(app[METRICS], config.metrics.token), access_log=None)
+            await metrics_runner.setup()
+            runners.insert(0, metrics_runner)
+            host = config.metrics.host or config.listen.host
+            await web.TCPSite(metrics_runner, host, config.metrics.port).start()
+            log.info("metrics on http://%s:%d/metrics", host, config.metrics.port)
+    except BaseException:
+        for each in runners:
+            await each.cleanup()
+        raise
     if not config.clients:
         log.warning("no clients configured: accepting anonymous requests, on loopback only")
     log.info(
@@ -140,7 +203,8 @@ async def serve(config: Config, *, clock: Clock | None = None) -> None:
     )
     await wait_for_signal()
     log.info("shutting down")
-    await runner.cleanup()
+    for each in runners:
+        await each.cleanup()
 
 
 async def wait_for_signal() -> None:

@@ -121,6 +121,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where `/metrics` is served and whether scraping needs a bearer token."""
+
+    #: A separate listener for `/metrics` only; None serves it on the main port.
+    port: int | None = None
+    #: Address of that listener; None means `listen.host`.
+    host: str | None = None
+    token: Secret | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway needs to run; built by `load_config` or `parse_config`."""
 
@@ -133,6 +144,7 @@ class Config:
     admin_token: Secret | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
 
@@ -183,7 +195,9 @@ def parse_config(
     env = os.environ if env is None else env
     doc = _expand(raw, env, "")
     top = _mapping(
-        doc, "", {"listen", "upstream", "database", "quota", "keys", "clients", "admin_token", "limits", "log"}
+        doc,
+        "",
+        {"listen", "upstream", "database", "quota", "keys", "clients", "admin_token", "limits", "log", "metrics"},
     )
     base = base_dir or Path.cwd()
 
@@ -282,6 +296,7 @@ def parse_config(
         admin_token=admin_token,
         limits=limits,
         log=LogConfig(level=level, format=fmt),
+        metrics=_metrics(top.get("metrics", {}), listen, keys, clients, admin_token),
         source=source,
     )
 
@@ -371,6 +386,40 @@ def _clients(raw: Any, keys: tuple[KeyConfig, ...]) -> tuple[ClientConfig, ...]:
 
 
 # --- small validators -------------------------------------------------------------------
+
+
+def _metrics(
+    raw: Any,
+    listen: ListenConfig,
+    keys: tuple[KeyConfig, ...],
+    clients: tuple[ClientConfig, ...],
+    admin_token: Secret | None,
+) -> MetricsConfig:
+    section = _mapping(raw, "metrics", {"port", "host", "token"})
+    port = section.get("port")
+    if port is not None:
+        port = _port(port, "metrics.port")
+        if port == 0:
+            raise ConfigError("metrics.port", "must be 1-65535, or absent to serve /metrics on listen.port")
+        if port == listen.port:
+            raise ConfigError("metrics.port", f"must differ from listen.port ({port}), or be absent")
+    host = section.get("host")
+    if host is not None:
+        if port is None:
+            raise ConfigError("metrics.host", "needs metrics.port (without it /metrics is served on listen.host)")
+        if not isinstance(host, str) or not host:
+            raise ConfigError("metrics.host", "must be a host name or address")
+    token = section.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ConfigError("metrics.token", "must be a string")
+    secret = Secret(token) if token else None
+    if token and len(token) < 16:
+        raise ConfigError("metrics.token", "must be at least 16 characters")
+    if secret is not None and (
+        secret == admin_token or any(c.token == secret for c in clients) or any(k.secret == secret for k in keys)
+    ):
+        raise ConfigError("metrics.token", "must differ from every client token, the admin token and upstream key")
+    return MetricsConfig(port=port, host=host, token=secret)
 
 
 def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:

@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import uuid
 from collections.abc import Iterable
+from contextvars import ContextVar
+from typing import TextIO
 
 from .config import Config, Secret
 
 REDACTED = "[REDACTED]"
+
+#: The id of the request being handled, for every log line written while handling it.
+request_id: ContextVar[str | None] = ContextVar("agnes_request_id", default=None)
+
+#: Structured fields a log call may pass in `extra=`; JSON lines carry them as their own members.
+FIELDS = (
+    "request_id",
+    "method",
+    "route",
+    "status",
+    "client",
+    "key",
+    "operation",
+    "outcome",
+    "state",
+    "duration_ms",
+)
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's `X-Request-ID` when it is short and plain, else a fresh random one."""
+    if value is not None and _SANE_REQUEST_ID.match(value):
+        return value
+    return uuid.uuid4().hex
 
 
 class RedactSecrets(logging.Filter):
@@ -22,34 +52,72 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if any(v in message for v in self.values):
-            for value in self.values:
-                message = message.replace(value, REDACTED)
-            record.msg, record.args = message, None
+            record.msg, record.args = self._scrub(message), None
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if isinstance(value, str) and any(v in value for v in self.values):
+                setattr(record, name, self._scrub(value))
+        return True
+
+    def _scrub(self, text: str) -> str:
+        for value in self.values:
+            text = text.replace(value, REDACTED)
+        return text
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps every record written while a request is handled with that request's id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            current = request_id.get()
+            if current is not None:
+                record.request_id = current
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+    """One JSON object per line: time, level, logger, message, the structured fields, any exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                doc[name] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
 
 
-def setup_logging(config: Config) -> None:
-    """Send the gateway's logs to stderr in the configured format, secrets scrubbed."""
-    handler = logging.StreamHandler(sys.stderr)
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, with ` request_id=...` on lines written for a request."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        rid = getattr(record, "request_id", None)
+        if rid is None:
+            return line
+        first, newline, rest = line.partition("\n")  # keep a traceback below the line it belongs to
+        return f"{first} request_id={rid}{newline}{rest}"
+
+
+def setup_logging(config: Config, stream: TextIO | None = None) -> None:
+    """Send the gateway's logs to stderr (or `stream`) in the configured format, secrets scrubbed."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     if config.log.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
+    handler.addFilter(RequestIdFilter())
     handler.addFilter(secrets_filter(config))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -59,6 +127,7 @@ def setup_logging(config: Config) -> None:
 
 def secrets_filter(config: Config) -> RedactSecrets:
     secrets: list[Secret] = [k.secret for k in config.keys] + [c.token for c in config.clients]
-    if config.admin_token is not None:
-        secrets.append(config.admin_token)
+    for extra in (config.admin_token, config.metrics.token):
+        if extra is not None:
+            secrets.append(extra)
     return RedactSecrets(secrets)

@@ -87,7 +87,11 @@ class KeyPool:
             status.used = usage.get(status.name, 0)
             mark = marks.get(status.name)
             if mark is not None and mark.state is KeyState.DISABLED and mark.fingerprint != fingerprint(status.config):
-                log.info("key %s was disabled but its secret has changed: enabling it", status.name)
+                log.info(
+                    "key %s was disabled but its secret has changed: enabling it",
+                    status.name,
+                    extra={"key": status.name, "state": KeyState.ACTIVE.value},
+                )
                 await self.store.set_key_mark(status.name, None)
                 mark = None
             status.mark = mark
@@ -124,12 +128,19 @@ class KeyPool:
         Lowest priority number first; within it the most quota left; ties take turns.
         """
         ts = now.timestamp()
+        self._expire_marks(ts)
         usable = [s for s in self._keys.values() if s.state(ts) is KeyState.ACTIVE]
         self._turn += 1
         n = len(self._keys) or 1
         order = {name: i for i, name in enumerate(self._keys)}
         usable.sort(key=lambda s: (s.config.priority, -s.remaining, (order[s.name] - self._turn) % n))
         return [s.config for s in usable]
+
+    def ready(self, now: datetime) -> list[KeyStatus]:
+        """The keys that could take a create at `now`."""
+        ts = now.timestamp()
+        self._expire_marks(ts)
+        return [s for s in self._keys.values() if s.state(ts) is KeyState.ACTIVE]
 
     def usable(self, key: KeyConfig, now: datetime) -> bool:
         status = self._keys.get(key.name)
@@ -156,9 +167,18 @@ class KeyPool:
         """Take one unit of today's quota for `key`; False when it has none left."""
         used = await self.store.reserve(key.name, self._day, key.daily_limit)
         status = self._keys.get(key.name)
+        limit = key.daily_limit
+        reached = used is None or (limit is not None and used >= limit)
+        if status is not None and limit is not None and reached and status.used < limit:
+            log.info(
+                "key %s reached its daily limit of %d: spent until the next quota day",
+                key.name,
+                limit,
+                extra={"key": key.name, "state": KeyState.SPENT.value},
+            )
         if used is None:
-            if status is not None and key.daily_limit is not None:
-                status.used = key.daily_limit
+            if status is not None and limit is not None:
+                status.used = limit
             return False
         if status is not None:
             status.used = used
@@ -192,7 +212,7 @@ class KeyPool:
         if status is not None:
             status.mark = None
         await self.store.set_key_mark(key.name, None)
-        log.info("key %s enabled", key.name)
+        log.info("key %s enabled", key.name, extra={"key": key.name, "state": KeyState.ACTIVE.value})
 
     async def _mark(self, key: KeyConfig, mark: KeyMark, level: int) -> None:
         status = self._keys.get(key.name)
@@ -200,4 +220,27 @@ class KeyPool:
             status.mark = mark
             status.last_error = mark.reason
         await self.store.set_key_mark(key.name, mark)
-        log.log(level, "key %s is now %s: %s", key.name, mark.state.value, mark.reason)
+        log.log(
+            level,
+            "key %s is now %s: %s",
+            key.name,
+            mark.state.value,
+            mark.reason,
+            extra={"key": key.name, "state": mark.state.value},
+        )
+
+    def _expire_marks(self, ts: float) -> None:
+        """Drop marks whose time is up (a cooldown ended, a spent day passed), saying so once."""
+        for status in self._keys.values():
+            mark = status.mark
+            if mark is not None and mark.until is not None and mark.until <= ts:
+                status.mark = None
+                state = status.state(ts)
+                log.info(
+                    "key %s is %s again (it was %s: %s)",
+                    status.name,
+                    state.value,
+                    mark.state.value,
+                    mark.reason,
+                    extra={"key": status.name, "state": state.value},
+                )

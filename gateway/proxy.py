@@ -1,4 +1,4 @@
-"""The native surface: `/v1/videos` exactly as upstream speaks it, plus `/healthz`."""
+"""The native surface: `/v1/videos` exactly as upstream speaks it, plus `/healthz` and `/readyz`."""
 
 from __future__ import annotations
 
@@ -61,3 +61,25 @@ async def healthz(request: web.Request) -> web.Response:
     except Exception as exc:  # any database failure means "not healthy"
         raise GatewayError(503, "database_unavailable", f"database unreachable: {type(exc).__name__}") from None
     return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the database is usable and at least one key can take a create now."""
+    gateway = request.app[GATEWAY]
+    now = gateway.clock.now()
+    try:
+        await gateway.store.ping()
+        await gateway.pool.roll_day(now)
+    except Exception as exc:  # any database failure means "not ready"
+        raise GatewayError(503, "database_unavailable", f"database unreachable: {type(exc).__name__}") from None
+    ready = gateway.pool.ready(now)
+    if not ready:
+        retry = gateway.pool.retry_after(now)
+        raise GatewayError(
+            503,
+            "no_usable_key",
+            f"every upstream key is spent, cooling down or disabled; the earliest may take creates in {retry} s",
+            retry_after=retry,
+        )
+    return web.json_response({"status": "ready", "usable_keys": len(ready)})

@@ -30,6 +30,7 @@ from .upstream import (
 )
 
 log = logging.getLogger("agnes_gateway.service")
+upstream_log = logging.getLogger("agnes_gateway.upstream")
 
 FAILOVER_REASONS = {
     Outcome.QUOTA: "quota",
@@ -119,6 +120,7 @@ class Gateway:
         if failure is not None:
             raise failure
         retry = self.pool.retry_after(now)
+        self.events.exhausted()
         raise GatewayError(
             429,
             "all_keys_exhausted",
@@ -178,9 +180,10 @@ class Gateway:
         """Await one upstream call, reporting its outcome and duration."""
         started = time.perf_counter()
         outcome = "broken"
+        status: int | None = None
         try:
             answer = await call
-            outcome = answer.outcome.value
+            outcome, status = answer.outcome.value, answer.status
             return answer
         except UpstreamTimeout:
             outcome = "timeout"
@@ -189,7 +192,23 @@ class Gateway:
             outcome = "unreachable"
             raise
         finally:
-            self.events.upstream_call(key.name, operation, outcome, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.events.upstream_call(key.name, operation, outcome, seconds)
+            upstream_log.info(
+                "%s key=%s %s %s %.1fms",
+                operation,
+                key.name,
+                outcome,
+                "-" if status is None else status,
+                seconds * 1000,
+                extra={
+                    "operation": operation,
+                    "key": key.name,
+                    "outcome": outcome,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 1),
+                },
+            )
 
     async def _poll_with(self, key: KeyConfig, task_id: str) -> Answer:
         try:
