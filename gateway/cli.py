@@ -123,6 +123,9 @@ def _check_config(args: argparse.Namespace) -> int:
         limit = "unlimited" if key.daily_limit is None else f"{key.daily_limit}/day"
         print(f"  key {key.name:<16} {key.secret.masked():<8} priority {key.priority}  {limit}")
     print(f"  clients   {', '.join(c.name for c in config.clients) or 'none (anonymous, loopback only)'}")
+    m = config.metrics
+    where = "listen port" if m.port is None else f"{m.host or config.listen.host}:{m.port}"
+    print(f"  metrics   /metrics on {where}, {'bearer token required' if m.token else 'no token'}")
     if not config.clients and not config.listen.is_loopback:
         print("  warning: no clients configured, so the gateway will refuse to listen on a non-loopback host")
         return 1
