@@ -15,8 +15,12 @@ from .appkeys import GATEWAY, METRICS
 from .auth import identify
 from .clock import Clock, SystemClock
 from .config import Config
+from .download import routes as download_routes
+from .download import video_files
 from .errors import GatewayError, error_response
 from .metrics import UNMATCHED_ROUTE, GatewayMetrics, create_metrics_app, metrics_handler
+from .openai_api import PREFIX as OPENAI_PREFIX
+from .openai_api import create_openai_app
 from .pool import KeyPool
 from .proxy import CLIENT, KEY_NAME, answer_response, routes
 from .service import Gateway, PassThrough
@@ -65,6 +69,10 @@ def create_app(config: Config, *, clock: Clock | None = None, store: Store | Non
             await store.close()
 
     app.cleanup_ctx.append(resources)
+    # Client-facing extras: video downloads (native and OpenAI) and the OpenAI Videos dialect.
+    app.router.add_routes(download_routes)
+    app.cleanup_ctx.append(video_files)
+    app.add_subapp(OPENAI_PREFIX, create_openai_app())
     return app
 
 

@@ -1,4 +1,4 @@
-"""The `agnes-gateway` command: serve, check-config, simulate, demo."""
+"""The `agnes-gateway` command: serve, check-config, simulate, demo, generate."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from aiohttp import web
 from . import __version__
 from .app import create_app, serve, wait_for_signal
 from .config import Config, ConfigError, load_config, parse_config, replace_listen
+from .generate import add_parser as add_generate_parser
 from .logs import setup_logging
 from .simulator import SimulatorConfig, create_simulator_app
 
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task-seconds", type=float, default=20.0, help="how long a simulated video takes (default 20)")
     p.set_defaults(run=_demo)
+
+    add_generate_parser(sub)
     return parser
 
 

@@ -132,6 +132,36 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class OpenAIConfig:
+    """The OpenAI Videos dialect under `/openai/v1`: how its requests map onto the upstream's fields."""
+
+    #: OpenAI's `seconds` becomes `num_frames = seconds * frame_rate + 1` (121 frames = 5 s at 24 fps).
+    frame_rate: int = 24
+    #: OpenAI model names and the upstream model each one means; a name not listed is sent as it is.
+    models: tuple[tuple[str, str], ...] = (("sora-2", "agnes-video-v2.0"), ("sora-2-pro", "agnes-video-v2.0"))
+    #: The upstream model when the request names none.
+    default_model: str = "agnes-video-v2.0"
+    #: The upstream's (undocumented) image-to-video field that carries `input_reference`.
+    image_field: str = "image"
+    #: `data_url`: a JSON create with the image as a base64 data URL; `multipart`: a form with the file.
+    image_format: str = "data_url"
+    #: `openai-poll-after-ms` on every answer: how long the SDK's `poll()` waits between polls.
+    poll_after_ms: int = 5000
+
+    def upstream_model(self, name: str | None) -> str:
+        if not name:
+            return self.default_model
+        return dict(self.models).get(name, name)
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """Where completed videos are kept once downloaded; None serves them from upstream's URL each time."""
+
+    dir: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway needs to run; built by `load_config` or `parse_config`."""
 
@@ -146,6 +176,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
 
 
 # --- reading --------------------------------------------------------------------------
@@ -197,7 +229,8 @@ def parse_config(
     top = _mapping(
         doc,
         "",
-        {"listen", "upstream", "database", "quota", "keys", "clients", "admin_token", "limits", "log", "metrics"},
+        {"listen", "upstream", "database", "quota", "keys", "clients", "admin_token", "limits", "log", "metrics"}
+        | EXTRAS,
     )
     base = base_dir or Path.cwd()
 
@@ -298,7 +331,61 @@ def parse_config(
         log=LogConfig(level=level, format=fmt),
         metrics=_metrics(top.get("metrics", {}), listen, keys, clients, admin_token),
         source=source,
+        openai=_openai(top.get("openai", {})),
+        archive=_archive(top.get("archive", {}), base),
     )
+
+
+# --- client-facing extras: the OpenAI dialect and the video archive ----------------------
+
+EXTRAS = {"openai", "archive"}
+IMAGE_FORMATS = ("data_url", "multipart")
+
+
+def _openai(raw: Any) -> OpenAIConfig:
+    section = _mapping(
+        raw, "openai", {"frame_rate", "models", "default_model", "image_field", "image_format", "poll_after_ms"}
+    )
+    default = OpenAIConfig()
+    models_raw = section.get("models", dict(default.models))
+    if not isinstance(models_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in models_raw.items()
+    ):
+        raise ConfigError("openai.models", "must map OpenAI model names to upstream model names (strings)")
+    frame_rate = section.get("frame_rate", default.frame_rate)
+    if isinstance(frame_rate, bool) or not isinstance(frame_rate, int) or not 1 <= frame_rate <= 240:
+        raise ConfigError("openai.frame_rate", f"must be whole frames per second (1-240), got {frame_rate!r}")
+    poll_after = section.get("poll_after_ms", default.poll_after_ms)
+    if isinstance(poll_after, bool) or not isinstance(poll_after, int) or poll_after < 0:
+        raise ConfigError("openai.poll_after_ms", f"must be a whole number of milliseconds >= 0, got {poll_after!r}")
+    image_format = _get(section, "image_format", str, "openai", default.image_format)
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError("openai.image_format", f"must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    image_field = _get(section, "image_field", str, "openai", default.image_field)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}", image_field):
+        raise ConfigError("openai.image_field", f"must be a field name, got {image_field!r}")
+    default_model = _get(section, "default_model", str, "openai", default.default_model)
+    if not default_model:
+        raise ConfigError("openai.default_model", "must not be empty")
+    return OpenAIConfig(
+        frame_rate=frame_rate,
+        models=tuple(models_raw.items()),
+        default_model=default_model,
+        image_field=image_field,
+        image_format=image_format,
+        poll_after_ms=poll_after,
+    )
+
+
+def _archive(raw: Any, base: Path) -> ArchiveConfig:
+    section = _mapping(raw, "archive", {"dir"})
+    value = section.get("dir")
+    if value is None or value == "":
+        return ArchiveConfig()
+    if not isinstance(value, str):
+        raise ConfigError("archive.dir", "must be a directory path")
+    path = Path(value).expanduser()
+    return ArchiveConfig(dir=str(path if path.is_absolute() else base / path))
 
 
 def _keys(raw: Any, env: Mapping[str, str], base: Path) -> tuple[KeyConfig, ...]:

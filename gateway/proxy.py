@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
 from .appkeys import GATEWAY
+from .bodies import SpooledBody
 from .errors import GatewayError
+from .meta import RequestMeta
 from .upstream import Answer
 
 routes = web.RouteTableDef()
@@ -21,7 +24,7 @@ def answer_response(answer: Answer) -> web.Response:
     return web.Response(status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type})
 
 
-def json_create_body(body: bytes, content_type: str) -> None:
+def json_create_body(body: bytes, content_type: str) -> dict[str, Any]:
     """Refuse a JSON create body that is not a JSON object, before any quota is touched."""
     if not body.strip():
         raise GatewayError(400, "invalid_json", "the request body is empty; send a JSON object")
@@ -31,17 +34,34 @@ def json_create_body(body: bytes, content_type: str) -> None:
         raise GatewayError(400, "invalid_json", "the request body is not valid JSON (UTF-8)") from None
     if not isinstance(doc, dict):
         raise GatewayError(400, "invalid_json", "the request body must be a JSON object")
+    return doc
 
 
 @routes.post("/v1/videos")
 async def create_video(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    body = await request.read()
     content_type = request.headers.get("Content-Type", "")
-    if request.content_type == "application/json" or not content_type:
-        json_create_body(body, content_type)
-        content_type = content_type or "application/json"
-    created = await gateway.create(body, content_type, request[CLIENT])
+    if request.content_type != "application/json" and content_type:
+        return await _create_streamed(request, content_type)
+    body = await request.read()
+    meta = RequestMeta.from_native(json_create_body(body, content_type))
+    created = await gateway.create(
+        body, content_type or "application/json", request[CLIENT], request_meta=meta.to_json()
+    )
+    request[KEY_NAME] = created.task.key_name
+    return answer_response(created.answer)
+
+
+async def _create_streamed(request: web.Request, content_type: str) -> web.Response:
+    """A multipart (or other non-JSON) create: spooled within the body limit, then forwarded as it came."""
+    gateway = request.app[GATEWAY]
+    body = await SpooledBody.read(
+        request.content, content_type, gateway.config.limits.max_body_bytes, request.content_length
+    )
+    try:
+        created = await gateway.create(body, content_type, request[CLIENT])
+    finally:
+        body.close()
     request[KEY_NAME] = created.task.key_name
     return answer_response(created.answer)
 

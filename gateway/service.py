@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+from .bodies import SpooledBody
 from .clock import Clock
 from .config import Config, KeyConfig
 from .errors import GatewayError
@@ -77,8 +78,13 @@ class Gateway:
         self.tasks = TaskDirectory(store)
         self._unknown: dict[str, float] = {}
 
-    async def create(self, body: bytes, content_type: str, client: str) -> Created:
-        """Make a task on the best key, failing over to the next while upstream refuses the key."""
+    async def create(
+        self, body: bytes | SpooledBody, content_type: str, client: str, *, request_meta: str | None = None
+    ) -> Created:
+        """Make a task on the best key, failing over to the next while upstream refuses the key.
+
+        `request_meta` (JSON text) is kept with the task for surfaces that echo what was asked for.
+        """
         now = self.clock.now()
         await self.pool.roll_day(now)
         failure: GatewayError | None = None
@@ -100,7 +106,7 @@ class Gateway:
                 failure = GatewayError(502, "upstream_unreachable", str(exc))
                 continue
             if answer.outcome is Outcome.OK:
-                return await self._accepted(key, answer, client, now.timestamp())
+                return await self._accepted(key, answer, client, now.timestamp(), request_meta)
             await self.pool.release(key)
             if answer.outcome in FAILOVER_REASONS:
                 self.events.failover(FAILOVER_REASONS[answer.outcome])
@@ -128,12 +134,14 @@ class Gateway:
             retry_after=retry,
         )
 
-    async def _accepted(self, key: KeyConfig, answer: Answer, client: str, now: float) -> Created:
+    async def _accepted(
+        self, key: KeyConfig, answer: Answer, client: str, now: float, request_meta: str | None = None
+    ) -> Created:
         task_id = _task_id(answer.body)
         if task_id is None:
             log.error("create on key %s: upstream accepted but gave no usable task id", key.name)
             raise GatewayError(502, "upstream_bad_answer", "upstream accepted the task but its answer had no task id")
-        task = TaskRecord(task_id, key.name, client, now)
+        task = TaskRecord(task_id, key.name, client, now, request_meta=request_meta)
         await self.tasks.add(task)
         self.events.task_created(key.name, client)
         return Created(answer, task)

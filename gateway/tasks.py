@@ -41,6 +41,11 @@ class TaskDirectory:
         self._remember(updated)
         return updated
 
+    async def delete(self, task_id: str) -> bool:
+        """Forget a task's route, in the store and in the cache; True if there was one."""
+        self._cache.pop(task_id, None)
+        return await self.store.delete_task(task_id)
+
     def _remember(self, task: TaskRecord) -> None:
         self._cache[task.task_id] = task
         self._cache.move_to_end(task.task_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -12,6 +12,7 @@ from typing import Final
 
 import aiohttp
 
+from .bodies import SpooledBody
 from .config import KeyConfig, UpstreamConfig
 
 MAX_ANSWER_BYTES: Final = 1024 * 1024
@@ -77,9 +78,12 @@ class UpstreamClient:
         connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, keepalive_timeout=10)
         return aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
 
-    async def create(self, key: KeyConfig, body: bytes, content_type: str) -> Answer:
-        """POST /v1/videos with `key`; `body` goes out exactly as the client sent it."""
+    async def create(self, key: KeyConfig, body: bytes | SpooledBody, content_type: str) -> Answer:
+        """POST /v1/videos with `key`; `body` goes out exactly as the client sent it (streamed when spooled)."""
         headers = {"Authorization": f"Bearer {key.secret.reveal()}", "Content-Type": content_type}
+        if isinstance(body, SpooledBody):
+            headers["Content-Length"] = str(body.size)
+            return await self._call("POST", self._videos_url, headers, body.chunks())
         return await self._call("POST", self._videos_url, headers, body)
 
     async def poll(self, key: KeyConfig, task_id: str) -> Answer:
@@ -87,7 +91,9 @@ class UpstreamClient:
         headers = {"Authorization": f"Bearer {key.secret.reveal()}"}
         return await self._call("GET", f"{self._videos_url}/{task_id}", headers, None)
 
-    async def _call(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Answer:
+    async def _call(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | AsyncIterator[bytes] | None
+    ) -> Answer:
         try:
             async with self.session.request(
                 method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
