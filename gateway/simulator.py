@@ -167,6 +167,7 @@ class SimulatorState:
         self.creates: Counter[str] = Counter()
         self.used: dict[tuple[str, str], int] = {}
         self.polls: Counter[str] = Counter()
+        self.downloads: Counter[str] = Counter()  # video downloads per task id
         self.tasks: dict[str, SimTask] = {}
         self.faults: list[Fault] = [dataclasses.replace(f) for f in config.faults]
         self.requests = 0
@@ -451,6 +452,7 @@ async def _download(request: web.Request) -> web.StreamResponse:
     task = state.tasks.get(request.match_info["task_id"])
     if task is None or task.fail or state.progress(task) < 100:
         return web.Response(status=404, text="Not Found")
+    state.downloads[task.task_id] += 1
     size = state.config.video_bytes
     span = _byte_range(request, size)
     headers = {"Accept-Ranges": "bytes", "ETag": f'"{task.task_id}"'}

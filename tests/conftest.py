@@ -82,6 +82,24 @@ async def upstream(make_upstream: Callable[..., Awaitable[Upstream]]) -> Upstrea
     return await make_upstream()
 
 
+SECONDS_PER_POLL = 4.0
+
+
+@pytest.fixture
+async def ticking_upstream(aiohttp_server: Any, clock: ManualClock) -> Upstream:
+    """A simulator whose clock moves on SECONDS_PER_POLL after each poll: a 10 s video is done by the 4th poll,
+    so polling loops (the openai SDK's, `generate`'s) finish without waiting for time to pass."""
+    app = create_simulator_app(SimulatorConfig(keys={KEY_A: 100, KEY_B: 100, KEY_C: 100}, task_seconds=10), clock=clock)
+
+    async def advance_on_poll(request: web.Request, response: web.StreamResponse) -> None:
+        if request.method == "GET" and request.path.startswith("/v1/videos/"):
+            clock.advance(SECONDS_PER_POLL)
+
+    app.on_response_prepare.append(advance_on_poll)
+    server = await aiohttp_server(app)
+    return Upstream(server, app[SIMULATOR_STATE])
+
+
 def gateway_config(upstream_url: str, database: Path, **overrides: Any) -> dict[str, Any]:
     """A config document with three keys (a, b at priority 0; c a backup) and no clients."""
     doc: dict[str, Any] = {

@@ -118,3 +118,41 @@ def test_secrets_never_print() -> None:
     config = parse({"keys": [{"name": "a", "key": secret.reveal()}], "clients": [{"name": "c", "token": "t" * 20}]})
     assert "sk-very-secret" not in repr(config) and "t" * 20 not in repr(config)
     assert secret.masked() == "…1234"
+
+
+def test_openai_and_archive_sections(tmp_path: Path) -> None:
+    default = parse({"keys": KEYS})
+    assert (default.openai.frame_rate, default.openai.poll_after_ms, default.archive.dir) == (24, 5000, None)
+    assert default.openai.upstream_model("sora-2-pro") == "agnes-video-v2.0"
+    assert default.openai.upstream_model(None) == "agnes-video-v2.0"
+    config = parse(
+        {
+            "keys": KEYS,
+            "openai": {"frame_rate": 30, "models": {"sora-2": "agnes-video-v2.1"}, "image_field": "images"},
+            "archive": {"dir": "videos"},
+        },
+        base=tmp_path,
+    )
+    assert config.openai.upstream_model("sora-2") == "agnes-video-v2.1"
+    assert config.openai.upstream_model("agnes-video-v2.0") == "agnes-video-v2.0"  # unlisted names pass as they are
+    assert (config.openai.frame_rate, config.openai.image_field) == (30, "images")
+    assert config.archive.dir == str(tmp_path / "videos")
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"openai": {"frame_rate": 0}}, "openai.frame_rate"),
+        ({"openai": {"models": ["sora-2"]}}, "openai.models"),
+        ({"openai": {"image_format": "base64"}}, "openai.image_format"),
+        ({"openai": {"image_field": "two words"}}, "openai.image_field"),
+        ({"openai": {"poll_after_ms": -1}}, "openai.poll_after_ms"),
+        ({"openai": {"colour": "red"}}, "openai.colour"),
+        ({"archive": {"dir": 5}}, "archive.dir"),
+        ({"archive": {"path": "x"}}, "archive.path"),
+    ],
+)
+def test_openai_and_archive_errors_name_the_field(section: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"keys": KEYS, **section})
+    assert str(info.value).startswith(field + ":"), str(info.value)
