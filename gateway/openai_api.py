@@ -308,7 +308,7 @@ async def _read_create(request: web.Request, limit: int) -> tuple[dict[str, Any]
         raise too_large(limit)
     if request.content_type == "multipart/form-data":
         return await _read_form(request, limit)
-    if request.content_type in ("application/json", ""):
+    if request.content_type == "application/json" or "Content-Type" not in request.headers:
         raw = await request.read()
         try:
             doc = json.loads(raw)

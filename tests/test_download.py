@@ -7,8 +7,11 @@ import hashlib
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.clock import ManualClock
 
@@ -81,6 +84,32 @@ async def test_unreachable_video_url_is_a_clean_502(
     resp = await gw.client.get(f"/v1/videos/{task_id}/content")
     assert resp.status == 502
     assert (await resp.json())["error"]["code"] == "video_unavailable"
+
+
+async def test_a_video_url_that_breaks_off_is_never_passed_on_as_whole(
+    aiohttp_server: Any, make_upstream: MakeUpstream, make_gateway: MakeGateway, clock: ManualClock
+) -> None:
+    async def half_a_file(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        response.content_length = 1_000_000
+        await response.prepare(request)
+        await response.write(b"\0" * 300_000)
+        assert request.transport is not None
+        request.transport.close()  # the CDN drops the connection a third of the way in
+        return response
+
+    cdn = web.Application()
+    cdn.router.add_get("/files/{name}", half_a_file)
+    cdn_server = await aiohttp_server(cdn)
+    up = await make_upstream(public_base_url=str(cdn_server.make_url("")).rstrip("/"))
+    gw = await make_gateway(upstream={"base_url": up.url, "timeout_s": 2})
+    task_id = await finished_task(gw, clock)
+    resp = await gw.client.get(f"/v1/videos/{task_id}/content")
+    assert (resp.status, resp.headers["Content-Length"]) == (200, "1000000")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # the client learns the body is short; no error text is spliced into it
+    healthy = await gw.client.get("/healthz")
+    assert healthy.status == 200
 
 
 async def test_archive_downloads_once_atomically_and_serves_from_disk(

@@ -143,6 +143,20 @@ async def test_list_is_newest_first_paged_and_only_the_callers_own(
         assert len((await other.videos.list()).data) == 1
 
 
+async def test_native_creates_are_listed_with_what_they_asked_for(gw: Running, client: openai.AsyncOpenAI) -> None:
+    native = {"model": "agnes-video-v2.0", "prompt": "made natively", "width": 1280, "height": 720, "num_frames": 241}
+    resp = await gw.client.post("/v1/videos", json=native, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status == 200
+    [video] = (await client.videos.list()).data
+    assert video.id == (await resp.json())["task_id"]
+    assert (video.prompt, video.size, video.seconds, video.model) == (
+        "made natively",
+        "1280x720",
+        "10",
+        native["model"],
+    )
+
+
 async def test_delete_forgets_the_video_here(client: openai.AsyncOpenAI, gw: Running) -> None:
     video = await client.videos.create(prompt="temporary")
     deleted = await client.videos.delete(video.id)
