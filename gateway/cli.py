@@ -202,6 +202,9 @@ Create a video (copy the task_id from the answer):
        -d '{{"model": "agnes-video-v2.0", "prompt": "A cat playing piano in a jazz bar"}}'
 Poll it (done after {task_seconds:g} s):
   curl -s {base}/v1/videos/TASK_ID
+Download it: curl -so video.mp4 {base}/v1/videos/TASK_ID/content
+Or all in one: agnes-gateway generate "A cat playing piano" --url {base}
+OpenAI SDK: OpenAI(base_url="{base}/openai/v1", api_key="demo").videos.create_and_poll(prompt="A cat")
 Run the create 18 times to watch keys fail over and the pool run dry (429 all_keys_exhausted).
 Health: curl -s {base}/healthz
 Press Ctrl-C to stop.
