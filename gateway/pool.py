@@ -76,7 +76,7 @@ class KeyPool:
         for name, key in new.items():
             self._retired.pop(name, None)
             old = self._keys.get(name)
-            self._keys[name] = KeyStatus(key, used=old.used, mark=old.mark) if old else KeyStatus(key)
+            self._keys[name] = KeyStatus(key, old.used, old.mark, old.last_error) if old else KeyStatus(key)
 
     async def load(self, now: datetime) -> None:
         """Read today's counts and persisted states from the store (at start, or to catch up)."""

@@ -198,6 +198,24 @@ async def test_changed_limits_apply_at_once(start: Start, config_file: ConfigFil
     assert upstream.state.creates[KEY_A] == 4
 
 
+async def test_key_states_and_last_errors_survive_a_reload(
+    start: Start, config_file: ConfigFile, upstream: Upstream
+) -> None:
+    config_file.doc["keys"].append({"name": "b", "key": KEY_B, "daily_limit": 5, "priority": 1})
+    config_file.write()
+    gw = await start()
+    upstream.state.add_fault(Fault(kind="rate_limit", retry_after=60, key=KEY_A, times=1))
+    assert (await gw.create()).status == 200  # a cools down, b answers
+    before = {k["name"]: k for k in (await key_table(gw))["keys"]}
+    assert before["a"]["state"] == "cooling" and before["a"]["last_error"]
+    config_file.doc["keys"][1]["daily_limit"] = 6
+    config_file.write()
+    assert (await reload(gw))[0] == 200
+    after = {k["name"]: k for k in (await key_table(gw))["keys"]}
+    assert after["a"] == before["a"]
+    assert (after["b"]["used"], after["b"]["remaining"]) == (1, 5)
+
+
 async def test_options_that_need_a_restart_are_reported_and_kept(
     start: Start, config_file: ConfigFile, caplog: pytest.LogCaptureFixture
 ) -> None:
