@@ -228,7 +228,7 @@ class KeyPool:
             await self.store.reset_usage(key.name, self._day)
             if status is not None:
                 status.used = 0
-        log.info("key %s reset%s", key.name, " (today's count zeroed)" if counts else "")
+        log.info("key %s reset%s", key.name, " (today's count zeroed)" if counts else "", extra={"key": key.name})
 
     async def _mark(self, key: KeyConfig, mark: KeyMark, level: int) -> None:
         status = self._keys.get(key.name)
