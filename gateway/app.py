@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from . import logs
-from .appkeys import GATEWAY, METRICS
+from .admin import create_admin_app
+from .appkeys import GATEWAY, METRICS, RELOADER
 from .auth import identify
 from .clock import Clock, SystemClock
 from .config import Config
@@ -23,6 +24,7 @@ from .openai_api import PREFIX as OPENAI_PREFIX
 from .openai_api import create_openai_app
 from .pool import KeyPool
 from .proxy import CLIENT, KEY_NAME, answer_response, routes
+from .reload import ConfigLoader, Reloader, reload_on_hangup
 from .service import Gateway, PassThrough
 from .store import Store, open_store
 from .upstream import UpstreamClient
@@ -40,8 +42,18 @@ QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 CLIENT_CLOSED = 499
 
 
-def create_app(config: Config, *, clock: Clock | None = None, store: Store | None = None) -> web.Application:
-    """A ready-to-run gateway; the store and upstream session open and close with the app."""
+def create_app(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    store: Store | None = None,
+    reload_config: ConfigLoader | None = None,
+) -> web.Application:
+    """A ready-to-run gateway; the store and upstream session open and close with the app.
+
+    `reload_config` reads the config again for a reload (SIGHUP, `POST /admin/reload`); without it
+    reloads are refused.
+    """
     clock = clock or SystemClock()
     store = store or open_store(config.database)
     metrics = GatewayMetrics()
@@ -54,6 +66,8 @@ def create_app(config: Config, *, clock: Clock | None = None, store: Store | Non
     if config.metrics.port is None:
         app.router.add_get("/metrics", metrics_handler(metrics, config.metrics.token))
     app.on_response_prepare.append(_send_request_id)
+    app[RELOADER] = Reloader(reload_config)
+    app.add_subapp("/admin", create_admin_app())
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.open()
@@ -103,7 +117,7 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     finally:
         seconds = time.perf_counter() - started
         route = route_label(request)
-        request.app[METRICS].request(route, status, seconds)
+        request.config_dict[METRICS].request(route, status, seconds)
         level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
         if access_log.isEnabledFor(level):
             client, key = request.get(CLIENT), request.get(KEY_NAME)
@@ -146,12 +160,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except PassThrough as exc:
         return answer_response(exc.answer)
     except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.config_dict[GATEWAY].config.limits.max_body_bytes
         return error_response(
-            GatewayError(
-                exc.status,
-                "body_too_large",
-                f"the request body is over the limit of {request.app[GATEWAY].config.limits.max_body_bytes} bytes",
-            )
+            GatewayError(exc.status, "body_too_large", f"the request body is over the limit of {limit} bytes")
         )
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -175,16 +186,18 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
-async def serve(config: Config, *, clock: Clock | None = None) -> None:
-    """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and close."""
+async def serve(config: Config, *, clock: Clock | None = None, reload_config: ConfigLoader | None = None) -> None:
+    """Run the gateway until SIGINT or SIGTERM, reloading on SIGHUP; then drain in-flight requests and close."""
     if not config.clients and not config.listen.is_loopback:
         raise SystemExit(
             f"refusing to listen on {config.listen.host}: no clients are configured, so anyone could use the pool; "
             "add `clients:` with tokens, or listen on 127.0.0.1"
         )
-    app = create_app(config, clock=clock)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    app = create_app(config, clock=clock, reload_config=reload_config)
+    # On shutdown aiohttp stops listening, closes idle connections and gives running requests this long.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown.drain_s)
     await runner.setup()
+    stop_reloading = reload_on_hangup(app[RELOADER], lambda: app[GATEWAY])
     runners = [runner]
     try:
         await web.TCPSite(runner, config.listen.host, config.listen.port).start()
@@ -196,6 +209,7 @@ async def serve(config: Config, *, clock: Clock | None = None) -> None:
             await web.TCPSite(metrics_runner, host, config.metrics.port).start()
             log.info("metrics on http://%s:%d/metrics", host, config.metrics.port)
     except BaseException:
+        stop_reloading()
         for each in runners:
             await each.cleanup()
         raise
@@ -210,9 +224,11 @@ async def serve(config: Config, *, clock: Clock | None = None) -> None:
         config.database,
     )
     await wait_for_signal()
-    log.info("shutting down")
+    stop_reloading()
+    log.info("shutting down: no new connections; requests in flight have up to %g s to finish", config.shutdown.drain_s)
     for each in runners:
         await each.cleanup()
+    log.info("stopped; database closed")
 
 
 async def wait_for_signal() -> None:

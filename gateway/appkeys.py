@@ -5,7 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from .metrics import GatewayMetrics
+from .reload import Reloader
 from .service import Gateway
 
 GATEWAY = web.AppKey("gateway", Gateway)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+RELOADER = web.AppKey("reloader", Reloader)

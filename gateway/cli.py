@@ -1,26 +1,33 @@
-"""The `agnes-gateway` command: serve, check-config, simulate, demo, generate."""
+"""The `agnes-gateway` command: serve, check-config, simulate, demo, generate, keys."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, keytable
 from .app import create_app, serve, wait_for_signal
+from .clock import SystemClock
 from .config import Config, ConfigError, load_config, parse_config, replace_listen
 from .generate import add_parser as add_generate_parser
 from .logs import setup_logging
+from .pool import KeyPool
 from .simulator import SimulatorConfig, create_simulator_app
+from .store import open_store
 
 CONFIG_ENV = "AGNES_GATEWAY_CONFIG"
+ADMIN_TOKEN_ENV = "AGNES_GATEWAY_ADMIN_TOKEN"
 
 # The demo's keys: what the simulator accepts, and how the gateway's config names them.
 DEMO_KEYS: tuple[dict[str, Any], ...] = (
@@ -96,7 +103,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_demo)
 
     add_generate_parser(sub)
+    _keys_parser(sub)
     return parser
+
+
+def _keys_parser(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    _config_arg(common)
+    common.add_argument(
+        "--url",
+        help=f"a running gateway's base URL: act through its admin API (token from ${ADMIN_TOKEN_ENV} or the config)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    # The same options after the action; SUPPRESS keeps them from overwriting ones given before it.
+    late = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _config_arg(late)
+    late.add_argument("--url", help=argparse.SUPPRESS)
+    late.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser(
+        "keys",
+        parents=[common],
+        help="show the key table; disable, enable or reset a key",
+        description=(
+            "Show every key with its state and today's count, or change one key. Without --url this reads and "
+            "writes the database directly (a running gateway picks changes up at its next reload or restart); "
+            "with --url it goes through the running gateway's admin API."
+        ),
+    )
+    p.set_defaults(run=_keys)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", parents=[late], help="the key table (the default)")
+    a = actions.add_parser("disable", parents=[late], help="take a key out of the pool until enabled (persisted)")
+    a.add_argument("name")
+    a.add_argument("--reason", help="a note kept with the disable")
+    a = actions.add_parser("enable", parents=[late], help="let a disabled, spent or cooling key take creates again")
+    a.add_argument("name")
+    a = actions.add_parser("reset", parents=[late], help="clear a key's spent or cooling mark for today")
+    a.add_argument("name")
+    a.add_argument("--counts", action="store_true", help="also zero the key's count for today")
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -108,9 +153,14 @@ def _config_path(given: str | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = replace_listen(load_config(_config_path(args.config)), args.host, args.port)
+    path = _config_path(args.config)
+
+    def read() -> Config:
+        return replace_listen(load_config(path), args.host, args.port)
+
+    config = read()
     setup_logging(config)
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, reload_config=read))
     return 0
 
 
@@ -216,3 +266,134 @@ Press Ctrl-C to stop.
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+class CommandFailed(Exception):
+    """A `keys` action that could not be done; the message says why."""
+
+
+def _keys(args: argparse.Namespace) -> int:
+    args.action = args.action or "list"
+    try:
+        doc = asyncio.run(_keys_remote(args) if args.url else _keys_local(args))
+    except CommandFailed as exc:
+        print(f"agnes-gateway keys: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif args.action == "list":
+        print(format_key_table(doc))
+    else:
+        print(format_key_table({"keys": [doc]}))
+    return 0
+
+
+async def _keys_local(args: argparse.Namespace) -> dict[str, Any]:
+    """Act on the database directly, as a gateway starting with this config would see it."""
+    config = load_config(_config_path(args.config))
+    logging.getLogger("agnes_gateway").addHandler(logging.NullHandler())  # the command prints its own result
+    store = open_store(config.database)
+    await store.open()
+    try:
+        now = SystemClock().now()
+        pool = KeyPool(config.keys, store, config.schedule)
+        await pool.load(now)
+        try:
+            if args.action == "disable":
+                return (await keytable.disable(pool, args.name, now, args.reason)).to_json()
+            if args.action == "enable":
+                return (await keytable.enable(pool, args.name, now)).to_json()
+            if args.action == "reset":
+                return (await keytable.reset(pool, args.name, now, counts=args.counts)).to_json()
+        except keytable.UnknownKey:
+            raise CommandFailed(f"no key named {args.name!r} in {config.source}") from None
+        return keytable.key_table(pool, now)
+    finally:
+        await store.close()
+
+
+async def _keys_remote(args: argparse.Namespace) -> dict[str, Any]:
+    """Act through a running gateway's admin API."""
+    base = args.url.rstrip("/") + "/admin/keys"
+    headers = {"Authorization": f"Bearer {_admin_token(args)}"}
+    if args.action == "list":
+        method, url, body = "GET", base, None
+    else:
+        url = f"{base}/{quote(args.name, safe='')}/{args.action}"
+        if args.action == "reset" and args.counts:
+            url += "?counts=true"
+        reason = getattr(args, "reason", None)
+        method, body = "POST", ({"reason": reason} if reason else None)
+    timeout = aiohttp.ClientTimeout(total=30)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.request(method, url, headers=headers, json=body) as resp,
+        ):
+            text = await resp.text()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise CommandFailed(f"cannot reach {args.url}: {type(exc).__name__}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise CommandFailed(f"{url} answered HTTP {status} with no JSON; is it an agnes-gateway?") from None
+    if status != 200:
+        message = doc.get("error", {}).get("message") if isinstance(doc, dict) else None
+        raise CommandFailed(f"HTTP {status}: {message or text[:200]}")
+    if not isinstance(doc, dict):
+        raise CommandFailed(f"{url} answered an unexpected document")
+    return doc
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if token:
+        return token
+    path = _config_path(args.config)
+    if path is not None:
+        config = load_config(path)
+        if config.admin_token is not None:
+            return config.admin_token.reveal()
+    raise CommandFailed(f"--url needs the admin token: set ${ADMIN_TOKEN_ENV} or give --config with admin_token")
+
+
+def format_key_table(doc: Mapping[str, Any]) -> str:
+    """The key table for people: one line per key, counts and state with reason and until when."""
+    header = ("NAME", "SECRET", "PRIO", "LIMIT", "USED", "LEFT", "STATE", "UNTIL", "REASON", "LAST ERROR")
+    rows: list[tuple[str, ...]] = [header]
+    for key in doc.get("keys", []):
+        rows.append(
+            tuple(
+                "-" if value is None else str(value)
+                for value in (
+                    key["name"],
+                    key["secret"],
+                    key["priority"],
+                    key["daily_limit"],
+                    key["used"],
+                    key["remaining"],
+                    key["state"],
+                    key["until"],
+                    key["reason"],
+                    key["last_error"],
+                )
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    numeric = {2, 3, 4, 5}
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i in numeric else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    if doc.get("day"):
+        lines.insert(0, f"quota day {doc['day']}")
+    if doc.get("retired"):
+        lines.append(f"removed from the config, still polling their tasks: {', '.join(doc['retired'])}")
+    return "\n".join(lines)

@@ -29,6 +29,23 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 T = TypeVar("T")
 
+#: The sections a config file may have.
+TOP_LEVEL = {
+    "listen",
+    "upstream",
+    "database",
+    "quota",
+    "keys",
+    "clients",
+    "admin_token",
+    "limits",
+    "log",
+    "metrics",
+    "shutdown",
+    "openai",
+    "archive",
+}
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message starts with the field's path."""
@@ -107,11 +124,19 @@ class ClientConfig:
 
     name: str
     token: Secret
+    daily_limit: int | None = None
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
     max_body_bytes: int = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """On SIGTERM: how long in-flight requests may take to finish before they are cut off."""
+
+    drain_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +200,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     source: str = "<defaults>"
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
@@ -196,8 +222,17 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+        raise ConfigError("", f"{p} is not valid YAML: {_yaml_problem(exc)}") from None
     return parse_config(raw if raw is not None else {}, env=env, base_dir=p.parent, source=str(p))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without the quoted line (it may hold a key)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f" ({exc.context})" if exc.context else ""
+        return f"{exc.problem}{context} at line {mark.line + 1}, column {mark.column + 1}"
+    return type(exc).__name__
 
 
 def default_config(env: Mapping[str, str] | None = None) -> Config:
@@ -226,12 +261,7 @@ def parse_config(
     """Validate a decoded YAML document and build a `Config` from it."""
     env = os.environ if env is None else env
     doc = _expand(raw, env, "")
-    top = _mapping(
-        doc,
-        "",
-        {"listen", "upstream", "database", "quota", "keys", "clients", "admin_token", "limits", "log", "metrics"}
-        | EXTRAS,
-    )
+    top = _mapping(doc, "", TOP_LEVEL)
     base = base_dir or Path.cwd()
 
     listen_raw = _mapping(top.get("listen", {}), "listen", {"host", "port"})
@@ -319,6 +349,9 @@ def parse_config(
     if fmt not in {"text", "json"}:
         raise ConfigError("log.format", f"must be text or json, got {fmt!r}")
 
+    shutdown_raw = _mapping(top.get("shutdown", {}), "shutdown", {"drain_s"})
+    shutdown = ShutdownConfig(drain_s=_positive(shutdown_raw, "drain_s", "shutdown", 30.0))
+
     return Config(
         keys=keys,
         listen=listen,
@@ -330,6 +363,7 @@ def parse_config(
         limits=limits,
         log=LogConfig(level=level, format=fmt),
         metrics=_metrics(top.get("metrics", {}), listen, keys, clients, admin_token),
+        shutdown=shutdown,
         source=source,
         openai=_openai(top.get("openai", {})),
         archive=_archive(top.get("archive", {}), base),
@@ -338,7 +372,6 @@ def parse_config(
 
 # --- client-facing extras: the OpenAI dialect and the video archive ----------------------
 
-EXTRAS = {"openai", "archive"}
 IMAGE_FORMATS = ("data_url", "multipart")
 
 
@@ -447,14 +480,14 @@ def _clients(raw: Any, keys: tuple[KeyConfig, ...]) -> tuple[ClientConfig, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ConfigError("clients", "must be a list of {name, token}")
+        raise ConfigError("clients", "must be a list of {name, token, daily_limit}")
     clients: list[ClientConfig] = []
     upstream_secrets = {k.secret for k in keys}
     names: set[str] = set()
     tokens: set[Secret] = set()
     for i, item in enumerate(raw):
         path = f"clients[{i}]"
-        entry = _mapping(item, path, {"name", "token"})
+        entry = _mapping(item, path, {"name", "token", "daily_limit"})
         name = _name(entry.get("name"), f"{path}.name")
         if name in names:
             raise ConfigError(f"{path}.name", f"duplicate client name {name!r}")
@@ -468,7 +501,10 @@ def _clients(raw: Any, keys: tuple[KeyConfig, ...]) -> tuple[ClientConfig, ...]:
         if secret in tokens:
             raise ConfigError(f"{path}.token", "duplicate client token")
         tokens.add(secret)
-        clients.append(ClientConfig(name=name, token=secret))
+        limit = entry.get("daily_limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise ConfigError(f"{path}.daily_limit", "must be a whole number >= 0, or absent for unlimited")
+        clients.append(ClientConfig(name=name, token=secret, daily_limit=limit))
     return tuple(clients)
 
 

@@ -49,6 +49,11 @@ class RedactSecrets(logging.Filter):
         super().__init__()
         self.values = sorted({s.reveal() for s in secrets if s.reveal()}, key=len, reverse=True)
 
+    def add(self, secrets: Iterable[Secret]) -> None:
+        """Scrub these too (a reloaded config's new keys and tokens); the old ones stay scrubbed."""
+        known = set(self.values) | {s.reveal() for s in secrets if s.reveal()}
+        self.values = sorted(known, key=len, reverse=True)
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if any(v in message for v in self.values):
@@ -126,8 +131,21 @@ def setup_logging(config: Config, stream: TextIO | None = None) -> None:
 
 
 def secrets_filter(config: Config) -> RedactSecrets:
+    return RedactSecrets(config_secrets(config))
+
+
+def config_secrets(config: Config) -> list[Secret]:
+    """Every credential in `config`: upstream keys, client tokens, the admin token."""
     secrets: list[Secret] = [k.secret for k in config.keys] + [c.token for c in config.clients]
     for extra in (config.admin_token, config.metrics.token):
         if extra is not None:
             secrets.append(extra)
-    return RedactSecrets(secrets)
+    return secrets
+
+
+def redact_more(config: Config) -> None:
+    """Teach the installed log filters the secrets of a reloaded config."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, RedactSecrets):
+                f.add(config_secrets(config))

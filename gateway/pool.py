@@ -76,7 +76,7 @@ class KeyPool:
         for name, key in new.items():
             self._retired.pop(name, None)
             old = self._keys.get(name)
-            self._keys[name] = KeyStatus(key, used=old.used, mark=old.mark) if old else KeyStatus(key)
+            self._keys[name] = KeyStatus(key, old.used, old.mark, old.last_error) if old else KeyStatus(key)
 
     async def load(self, now: datetime) -> None:
         """Read today's counts and persisted states from the store (at start, or to catch up)."""
@@ -112,6 +112,10 @@ class KeyPool:
 
     def statuses(self) -> list[KeyStatus]:
         return list(self._keys.values())
+
+    def retired(self) -> list[KeyConfig]:
+        """Keys removed from the config while running: they take no creates but still poll their tasks."""
+        return list(self._retired.values())
 
     def key(self, name: str) -> KeyConfig | None:
         """A key by name, retired ones included (they still poll their tasks)."""
@@ -213,6 +217,18 @@ class KeyPool:
             status.mark = None
         await self.store.set_key_mark(key.name, None)
         log.info("key %s enabled", key.name, extra={"key": key.name, "state": KeyState.ACTIVE.value})
+
+    async def reset(self, key: KeyConfig, *, counts: bool = False) -> None:
+        """Clear a spent or cooling mark (a disabled key stays disabled); `counts` also zeroes today's count."""
+        status = self._keys.get(key.name)
+        if status is not None and status.mark is not None and status.mark.state is not KeyState.DISABLED:
+            status.mark = None
+            await self.store.set_key_mark(key.name, None)
+        if counts:
+            await self.store.reset_usage(key.name, self._day)
+            if status is not None:
+                status.used = 0
+        log.info("key %s reset%s", key.name, " (today's count zeroed)" if counts else "", extra={"key": key.name})
 
     async def _mark(self, key: KeyConfig, mark: KeyMark, level: int) -> None:
         status = self._keys.get(key.name)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from .bodies import SpooledBody
@@ -39,6 +41,8 @@ FAILOVER_REASONS = {
     Outcome.AUTH: "auth",
     Outcome.SERVER_ERROR: "error",
 }
+# Failures after which a task may exist upstream: the key's unit and the client's stay counted.
+UNIT_KEPT = frozenset({"upstream_outcome_unknown", "upstream_bad_answer"})
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 UNKNOWN_TASK_MEMORY = 10_000
 
@@ -81,12 +85,39 @@ class Gateway:
     async def create(
         self, body: bytes | SpooledBody, content_type: str, client: str, *, request_meta: str | None = None
     ) -> Created:
-        """Make a task on the best key, failing over to the next while upstream refuses the key.
+        """Count the create against the client's daily limit, then make the task on the pool.
 
         `request_meta` (JSON text) is kept with the task for surfaces that echo what was asked for.
         """
         now = self.clock.now()
         await self.pool.roll_day(now)
+        day = self.pool.day
+        if await self.store.reserve_client(client, day, self.client_limit(client)) is None:
+            retry = max(1, math.ceil(self.pool.schedule.seconds_to_reset(now)))
+            raise GatewayError(
+                429,
+                "client_quota_exceeded",
+                f"client {client} has used its daily limit of creates; retry in {retry} s",
+                retry_after=retry,
+            )
+        try:
+            return await self._create_on_pool(body, content_type, client, now, request_meta)
+        except GatewayError as exc:
+            if exc.code not in UNIT_KEPT:
+                await self.store.release_client(client, day)
+            raise
+        except PassThrough:
+            await self.store.release_client(client, day)
+            raise
+
+    def client_limit(self, client: str) -> int | None:
+        """The client's `daily_limit` in the running config (None: unlimited)."""
+        return next((c.daily_limit for c in self.config.clients if c.name == client), None)
+
+    async def _create_on_pool(
+        self, body: bytes | SpooledBody, content_type: str, client: str, now: datetime, request_meta: str | None
+    ) -> Created:
+        """Make a task on the best key, failing over to the next while upstream refuses the key."""
         failure: GatewayError | None = None
         for key in self.pool.candidates(now):
             if not self.pool.usable(key, now) or not await self.pool.reserve(key):

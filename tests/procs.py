@@ -65,3 +65,33 @@ async def stop(proc: asyncio.subprocess.Process, sig: int | None = None) -> byte
         proc.kill()
         out, _ = await proc.communicate()
     return out or b""
+
+
+async def read_until(proc: asyncio.subprocess.Process, marker: bytes, within_s: float = 15.0) -> bytes:
+    """Read the process's output line by line until a line holds `marker` (bounded); returns what was read."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while marker not in seen:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise AssertionError(f"{marker!r} not printed within {within_s} s; got: {seen.decode(errors='replace')}")
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=left)
+        except TimeoutError:
+            continue
+        if not line:
+            raise AssertionError(f"process ended before printing {marker!r}: {seen.decode(errors='replace')}")
+        seen += line
+    return seen
+
+
+async def wait_exit(proc: asyncio.subprocess.Process, within_s: float = 15.0) -> bytes:
+    """Wait for the process to end on its own (bounded) and return the rest of its output."""
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=within_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.communicate()
+        raise AssertionError(f"process did not exit within {within_s} s") from None
+    return out or b""

@@ -41,7 +41,7 @@ def test_check_config_names_the_bad_field(tmp_path: Path) -> None:
 def test_help_lists_the_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("serve", "check-config", "simulate", "demo"):
+    for command in ("serve", "check-config", "simulate", "demo", "keys"):
         assert command in result.stdout
 
 

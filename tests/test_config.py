@@ -91,6 +91,10 @@ def test_zero_config_uses_the_guides_key_files(tmp_path: Path, monkeypatch: pyte
         ({"keys": KEYS, "upstream": {"quota_pattern": "("}}, "upstream.quota_pattern"),
         ({"keys": KEYS, "log": {"format": "xml"}}, "log.format"),
         ({"keys": KEYS, "admin_token": "${UNSET_VAR}"}, "admin_token"),
+        ({"keys": KEYS, "clients": [{"name": "c", "token": "t" * 20, "daily_limit": -1}]}, "clients[0].daily_limit"),
+        ({"keys": KEYS, "clients": [{"name": "c", "token": "t" * 20, "daily_limit": "9"}]}, "clients[0].daily_limit"),
+        ({"keys": KEYS, "shutdown": {"drain_s": 0}}, "shutdown.drain_s"),
+        ({"keys": KEYS, "shutdown": {"grace": 1}}, "shutdown.grace"),
     ],
 )
 def test_errors_name_the_field(doc: dict[str, Any], field: str) -> None:
@@ -156,3 +160,25 @@ def test_openai_and_archive_errors_name_the_field(section: dict[str, Any], field
     with pytest.raises(ConfigError) as info:
         parse({"keys": KEYS, **section})
     assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+def test_client_limits_and_drain_time() -> None:
+    config = parse(
+        {
+            "keys": KEYS,
+            "clients": [{"name": "c", "token": "t" * 20, "daily_limit": 7}, {"name": "d", "token": "u" * 20}],
+            "shutdown": {"drain_s": 2.5},
+        }
+    )
+    assert [c.daily_limit for c in config.clients] == [7, None]
+    assert config.shutdown.drain_s == 2.5
+    assert parse({"keys": KEYS}).shutdown.drain_s == 30.0
+
+
+def test_yaml_errors_do_not_quote_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text("keys:\n  - {name: a, key: sk-secret-never-shown-01\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line 3" in str(info.value)
+    assert "sk-secret" not in str(info.value)

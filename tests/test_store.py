@@ -36,6 +36,17 @@ async def test_release_gives_back_and_never_goes_negative(store: Store) -> None:
     assert await store.reserve("a", "d", 0) is None
 
 
+async def test_reset_usage_zeroes_one_key_on_one_day(store: Store) -> None:
+    for _ in range(3):
+        await store.reserve("a", "d", 3)
+    await store.reserve("b", "d", None)
+    await store.reserve("a", "e", None)
+    await store.reset_usage("a", "d")
+    assert await store.usage("d") == {"b": 1}
+    assert await store.usage("e") == {"a": 1}
+    assert await store.reserve("a", "d", 3) == 1
+
+
 async def test_client_counts_are_separate_from_key_counts(store: Store) -> None:
     assert await store.reserve_client("team-a", "d", 2) == 1
     assert await store.reserve_client("team-a", "d", 2) == 2

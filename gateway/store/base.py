@@ -77,6 +77,10 @@ class Store(Protocol):
         """Units used per key name on `day`."""
         ...
 
+    async def reset_usage(self, key_name: str, day: str) -> None:
+        """Zero `key_name`'s count for `day` (an operator's reset)."""
+        ...
+
     async def key_marks(self) -> dict[str, KeyMark]:
         """Every persisted key state, by key name."""
         ...

@@ -136,6 +136,9 @@ class SQLiteStore:
         async with self.db.execute("SELECT key_name, used FROM quota_usage WHERE day = ?", (day,)) as cur:
             return {str(name): int(used) async for name, used in cur}
 
+    async def reset_usage(self, key_name: str, day: str) -> None:
+        await self.db.execute("DELETE FROM quota_usage WHERE key_name = ? AND day = ?", (key_name, day))
+
     async def key_marks(self) -> dict[str, KeyMark]:
         async with self.db.execute("SELECT key_name, state, reason, until, fingerprint FROM key_marks") as cur:
             return {
