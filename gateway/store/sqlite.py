@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -120,17 +121,24 @@ class SQLiteStore:
         if limit is not None:
             sql += " WHERE used < ?"
             params += (limit,)
-        async with self.db.execute(sql + " RETURNING used", params) as cur:
-            row = await cur.fetchone()
-        return None if row is None else int(row[0])
+        rows = await self._write_returning(sql + " RETURNING used", params)
+        return int(rows[0][0]) if rows else None
 
     async def _count_down(self, table: str, column: str, name: str, day: str) -> int:
-        async with self.db.execute(
+        rows = await self._write_returning(
             f"UPDATE {table} SET used = used - 1 WHERE {column} = ? AND day = ? AND used > 0 RETURNING used",
             (name, day),
-        ) as cur:
-            row = await cur.fetchone()
-        return 0 if row is None else int(row[0])
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def _write_returning(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        """Run a write with RETURNING to completion in one step.
+
+        Until such a statement is stepped to its end, SQLite keeps its transaction open, and any other
+        write that runs meanwhile on this connection joins it: a task route "written" then would be lost
+        by a kill -9 before the statement finished. Executing and fetching in one job leaves no such gap.
+        """
+        return [tuple(row) for row in await self.db.execute_fetchall(sql, params)]
 
     async def usage(self, day: str) -> dict[str, int]:
         async with self.db.execute("SELECT key_name, used FROM quota_usage WHERE day = ?", (day,)) as cur:
@@ -216,15 +224,14 @@ class SQLiteStore:
             return [TaskRecord(*row) async for row in cur]
 
     async def delete_task(self, task_id: str) -> bool:
-        async with self.db.execute("DELETE FROM tasks WHERE task_id = ? RETURNING task_id", (task_id,)) as cur:
-            return await cur.fetchone() is not None
+        return bool(await self._write_returning("DELETE FROM tasks WHERE task_id = ? RETURNING task_id", (task_id,)))
 
     async def prune_tasks(self, older_than: float, batch: int) -> int:
-        async with self.db.execute(
+        rows = await self._write_returning(
             "DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks WHERE created_at < ? LIMIT ?) RETURNING 1",
             (older_than, batch),
-        ) as cur:
-            return len(list(await cur.fetchall()))
+        )
+        return len(rows)
 
     async def task_counts(self) -> dict[str, int]:
         async with self.db.execute("SELECT COALESCE(status, 'unknown'), COUNT(*) FROM tasks GROUP BY 1") as cur:
