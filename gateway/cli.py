@@ -23,7 +23,7 @@ from .config import Config, ConfigError, load_config, parse_config, replace_list
 from .generate import add_parser as add_generate_parser
 from .logs import setup_logging
 from .pool import KeyPool
-from .simulator import SimulatorConfig, create_simulator_app
+from .simulator import Fault, SimulatorConfig, create_simulator_app
 from .store import open_store
 
 CONFIG_ENV = "AGNES_GATEWAY_CONFIG"
@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task-seconds", type=float, default=30.0, help="how long a video takes (default 30)")
     p.add_argument("--quota-status", type=int, default=429, help="HTTP status of the quota refusal (default 429)")
+    p.add_argument(
+        "--fault",
+        action="append",
+        metavar="JSON",
+        help='a fault for the whole run, e.g. \'{"kind": "status", "status": 503, "times": -1}\' (repeatable; '
+        "kinds: status, quota, rate_limit, not_json, slow, reset, html_error, hold)",
+    )
+    p.add_argument("--dead-every", type=int, default=0, metavar="N", help="drop every Nth request's connection")
     p.add_argument("--uvloop", action="store_true", help="use uvloop if installed (for benchmarks)")
     p.set_defaults(run=_simulate)
 
@@ -197,8 +205,17 @@ def _parse_sim_keys(values: list[str] | None) -> dict[str, int | None]:
 
 def _simulate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        faults = tuple(Fault.from_dict(_json_object(text)) for text in args.fault or ())
+    except (ValueError, TypeError) as exc:
+        print(f"agnes-gateway simulate: --fault: {exc}", file=sys.stderr)
+        return 2
     sim = SimulatorConfig(
-        keys=_parse_sim_keys(args.key), task_seconds=args.task_seconds, quota_status=args.quota_status
+        keys=_parse_sim_keys(args.key),
+        task_seconds=args.task_seconds,
+        quota_status=args.quota_status,
+        faults=faults,
+        dead_every=max(args.dead_every, 0),
     )
     if args.uvloop:
         try:
@@ -209,6 +226,13 @@ def _simulate(args: argparse.Namespace) -> int:
             print("uvloop is not installed; using asyncio's loop", file=sys.stderr)
     web.run_app(create_simulator_app(sim), host=args.host, port=args.port, access_log=None, print=None)
     return 0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("a fault must be a JSON object")
+    return doc
 
 
 def demo_config(port: int, upstream_port: int, database: str) -> Config:

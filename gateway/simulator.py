@@ -67,6 +67,7 @@ class FaultKind(StrEnum):
     SLOW = "slow"
     RESET = "reset"
     HTML_ERROR = "html_error"
+    HOLD = "hold"  # wait until the test calls `release_held()`, then answer normally
 
 
 @dataclass
@@ -171,9 +172,14 @@ class SimulatorState:
         self.tasks: dict[str, SimTask] = {}
         self.faults: list[Fault] = [dataclasses.replace(f) for f in config.faults]
         self.requests = 0
+        #: Requests per (key, operation) that reached the simulator, faults and refusals included.
+        self.calls: Counter[tuple[str, str]] = Counter()
         self.last_create_body = b""
         self.last_create_headers: dict[str, str] = {}
+        self.holding = 0
         self._video: bytes | None = None
+        self._hold = asyncio.Condition()
+        self._releases = 0
 
     def add_fault(self, fault: Fault) -> None:
         """Queue `fault` behind the ones already queued."""
@@ -193,6 +199,30 @@ class SimulatorState:
                         del self.faults[index]
                 return fault
         return None
+
+    async def hold(self) -> None:
+        """Keep a request waiting until the next `release_held()`."""
+        async with self._hold:
+            generation = self._releases
+            self.holding += 1
+            self._hold.notify_all()
+            try:
+                await self._hold.wait_for(lambda: self._releases > generation)
+            finally:
+                self.holding -= 1
+
+    async def until_held(self, count: int) -> None:
+        """Return once `count` requests are held (bound it with a timeout)."""
+        async with self._hold:
+            await self._hold.wait_for(lambda: self.holding >= count)
+
+    async def release_held(self) -> int:
+        """Let every held request go on; returns how many there were."""
+        async with self._hold:
+            released = self.holding
+            self._releases += 1
+            self._hold.notify_all()
+        return released
 
     def used_today(self, key: str) -> int:
         """Accepted creates by `key` in the current quota day."""
@@ -320,6 +350,7 @@ async def _intercept(
 ) -> web.Response | None:
     """Apply `dead_every` and the fault queue; a response means the request is answered."""
     state.requests += 1
+    state.calls[(key or "", operation)] += 1
     dead_every = state.config.dead_every
     if dead_every > 0 and state.requests % dead_every == 0:
         return _reset(request)
@@ -330,6 +361,9 @@ async def _intercept(
         return None
     if fault.delay_s > 0:
         await asyncio.sleep(fault.delay_s)
+    if fault.kind is FaultKind.HOLD:
+        await state.hold()
+        return None
     if fault.kind is FaultKind.SLOW:
         return None
     return _fault_response(state, request, fault)
@@ -493,6 +527,11 @@ async def _add_fault(request: web.Request) -> web.Response:
     return web.json_response(fault.to_dict(), status=201)
 
 
+async def _release(request: web.Request) -> web.Response:
+    """`POST /_sim/release`: let every request held by a `hold` fault go on."""
+    return web.json_response({"released": await request.app[SIMULATOR_STATE].release_held()})
+
+
 async def _list_faults(request: web.Request) -> web.Response:
     """`GET /_sim/faults`: the queued faults."""
     state = request.app[SIMULATOR_STATE]
@@ -527,6 +566,7 @@ def create_simulator_app(config: SimulatorConfig, *, clock: Clock | None = None)
     app.router.add_post("/_sim/faults", _add_fault)
     app.router.add_get("/_sim/faults", _list_faults, allow_head=False)
     app.router.add_delete("/_sim/faults", _clear_faults)
+    app.router.add_post("/_sim/release", _release)
     app.router.add_get("/_sim/stats", _stats, allow_head=False)
     return app
 

@@ -99,3 +99,27 @@ async def test_simulate_serves_the_upstream_api() -> None:
                 assert resp.status == 429
     finally:
         await stop(proc)
+
+
+async def test_simulate_takes_faults_for_the_whole_run() -> None:
+    port = free_port()
+    fault = '{"kind": "html_error", "status": 503, "operation": "create", "times": 1}'
+    proc = await start(["simulate", "--port", str(port), "--key", "sk-sim-0001", "--fault", fault])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(f"{base}/_sim/stats", proc)
+        headers = {"Authorization": "Bearer sk-sim-0001"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                assert resp.status == 503
+                assert resp.content_type == "text/html"
+            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                assert resp.status == 200
+    finally:
+        await stop(proc)
+
+
+def test_simulate_refuses_a_bad_fault() -> None:
+    result = run("simulate", "--fault", '{"kind": "meteor"}')
+    assert result.returncode == 2
+    assert "--fault" in result.stderr and "meteor" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -376,3 +377,26 @@ async def test_fault_control_api_and_stats(make_sim: MakeSim) -> None:
         "tasks": 2,
         "faults": 0,
     }
+
+
+async def test_hold_fault_keeps_requests_until_released(make_sim: MakeSim) -> None:
+    client, state = await make_sim()
+    state.add_fault(Fault(FaultKind.HOLD, operation="create", times=2))
+    held = [asyncio.ensure_future(create(client)) for _ in range(2)]
+    await asyncio.wait_for(state.until_held(2), 5)
+    assert not any(f.done() for f in held)
+    assert (await create(client)).status == 200  # the fault is used up: no hold
+    resp = await client.post("/_sim/release")
+    assert await resp.json() == {"released": 2}
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+    assert state.holding == 0
+
+
+async def test_calls_count_every_request_per_key_and_operation(make_sim: MakeSim) -> None:
+    client, state = await make_sim()
+    state.add_fault(Fault(FaultKind.STATUS, status=503, key=KEY_B, times=1))
+    task_id = await create_task(client)
+    await poll(client, task_id)
+    assert (await create(client, KEY_B)).status == 503
+    assert (await create(client, "sk-unknown")).status == 401
+    assert state.calls == {(KEY_A, "create"): 1, (KEY_A, "poll"): 1, (KEY_B, "create"): 1, ("sk-unknown", "create"): 1}
