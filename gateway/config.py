@@ -9,7 +9,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import time as dtime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +39,7 @@ TOP_LEVEL = {
     "clients",
     "admin_token",
     "limits",
+    "resilience",
     "log",
     "metrics",
     "shutdown",
@@ -129,7 +130,35 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    """What one gateway process takes on before it refuses work instead of piling it up."""
+
     max_body_bytes: int = 20 * 1024 * 1024
+    #: A create body must arrive within this; a slower one gets 408 and its connection is closed.
+    body_read_timeout_s: float = 30.0
+    #: A connection with no request under way (idle keep-alive, or headers trickling in) closes after this.
+    idle_timeout_s: float = 75.0
+    #: Upstream calls in flight at once.
+    max_concurrent_upstream: int = 64
+    #: Requests waiting for an upstream slot; one more gets 503 with Retry-After at once.
+    max_queued: int = 256
+    #: The longest a request waits for an upstream slot before it gets 503.
+    queue_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ResilienceConfig:
+    """Retries of transient poll failures, and the circuit breaker of each key."""
+
+    #: Extra attempts of a poll after a connect error, reset or 502/503/504 (0 = no retry).
+    poll_retries: int = 2
+    #: The first retry waits up to this (full jitter); each next one up to twice as long.
+    poll_backoff_s: float = 0.2
+    #: No retry starts once this much time has passed since the poll's first attempt.
+    poll_retry_budget_s: float = 3.0
+    #: Consecutive failures (connect error, reset, timeout, 5xx) that open a key's breaker (0 = never).
+    breaker_failures: int = 5
+    #: How long an open breaker keeps calls off the key before one probe is let through.
+    breaker_open_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +227,7 @@ class Config:
     clients: tuple[ClientConfig, ...] = ()
     admin_token: Secret | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
@@ -338,8 +368,8 @@ def parse_config(
     if admin_token is not None and any(c.token == admin_token for c in clients):
         raise ConfigError("admin_token", "must differ from every client token")
 
-    limits_raw = _mapping(top.get("limits", {}), "limits", {"max_body_bytes"})
-    limits = LimitsConfig(max_body_bytes=int(_positive(limits_raw, "max_body_bytes", "limits", 20 * 1024 * 1024)))
+    limits = _limits(top.get("limits", {}))
+    resilience = _resilience(top.get("resilience", {}))
 
     log_raw = _mapping(top.get("log", {}), "log", {"level", "format"})
     level = _get(log_raw, "level", str, "log", "INFO").upper()
@@ -361,6 +391,7 @@ def parse_config(
         clients=clients,
         admin_token=admin_token,
         limits=limits,
+        resilience=resilience,
         log=LogConfig(level=level, format=fmt),
         metrics=_metrics(top.get("metrics", {}), listen, keys, clients, admin_token),
         shutdown=shutdown,
@@ -419,6 +450,31 @@ def _archive(raw: Any, base: Path) -> ArchiveConfig:
         raise ConfigError("archive.dir", "must be a directory path")
     path = Path(value).expanduser()
     return ArchiveConfig(dir=str(path if path.is_absolute() else base / path))
+
+
+def _limits(raw: Any) -> LimitsConfig:
+    d = LimitsConfig()
+    section = _mapping(raw, "limits", {f.name for f in fields(LimitsConfig)})
+    return LimitsConfig(
+        max_body_bytes=_whole(section, "max_body_bytes", "limits", d.max_body_bytes, minimum=1),
+        body_read_timeout_s=_positive(section, "body_read_timeout_s", "limits", d.body_read_timeout_s),
+        idle_timeout_s=_positive(section, "idle_timeout_s", "limits", d.idle_timeout_s),
+        max_concurrent_upstream=_whole(section, "max_concurrent_upstream", "limits", d.max_concurrent_upstream, 1),
+        max_queued=_whole(section, "max_queued", "limits", d.max_queued, minimum=0),
+        queue_timeout_s=_positive(section, "queue_timeout_s", "limits", d.queue_timeout_s),
+    )
+
+
+def _resilience(raw: Any) -> ResilienceConfig:
+    d = ResilienceConfig()
+    section = _mapping(raw, "resilience", {f.name for f in fields(ResilienceConfig)})
+    return ResilienceConfig(
+        poll_retries=_whole(section, "poll_retries", "resilience", d.poll_retries, minimum=0),
+        poll_backoff_s=_positive(section, "poll_backoff_s", "resilience", d.poll_backoff_s),
+        poll_retry_budget_s=_positive(section, "poll_retry_budget_s", "resilience", d.poll_retry_budget_s),
+        breaker_failures=_whole(section, "breaker_failures", "resilience", d.breaker_failures, minimum=0),
+        breaker_open_s=_positive(section, "breaker_open_s", "resilience", d.breaker_open_s),
+    )
 
 
 def _keys(raw: Any, env: Mapping[str, str], base: Path) -> tuple[KeyConfig, ...]:
@@ -592,6 +648,13 @@ def _positive(section: Mapping[str, Any], name: str, path: str, default: float) 
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(f"{path}.{name}", f"must be a positive number, got {value!r}")
     return float(value)
+
+
+def _whole(section: Mapping[str, Any], name: str, path: str, default: int, minimum: int) -> int:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{path}.{name}", f"must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def _port(value: Any, path: str) -> int:

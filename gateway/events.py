@@ -17,3 +17,9 @@ class Events:
 
     def task_created(self, key: str, client: str) -> None:
         """Upstream accepted a task and its route is recorded."""
+
+    def circuit(self, key: str, state: str) -> None:
+        """A key's circuit breaker opened or closed again: `open` or `closed`."""
+
+    def overloaded(self) -> None:
+        """A request was refused with 503 because the upstream slots and the queue were full."""

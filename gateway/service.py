@@ -5,27 +5,32 @@ Knows nothing of HTTP handlers: the native and any other API surface call `creat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import random
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from .bodies import SpooledBody
+from .breaker import Breakers, Permit
 from .clock import Clock
 from .config import Config, KeyConfig
 from .errors import GatewayError
 from .events import Events
+from .overload import Admission, Overloaded
 from .pool import KeyPool
 from .store import Store, TaskRecord
 from .tasks import TaskDirectory
 from .upstream import (
     Answer,
     Outcome,
+    UpstreamBroken,
     UpstreamClient,
     UpstreamError,
     UpstreamTimeout,
@@ -44,7 +49,10 @@ FAILOVER_REASONS = {
 # Failures after which a task may exist upstream: the key's unit and the client's stay counted.
 UNIT_KEPT = frozenset({"upstream_outcome_unknown", "upstream_bad_answer"})
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 UNKNOWN_TASK_MEMORY = 10_000
+#: Upstream answers to a poll worth another try on the same key: the upstream's front end, not the task.
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class Created:
 
     answer: Answer
     task: TaskRecord
+    #: True when this is the task an earlier create with the same `Idempotency-Key` made.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,14 +91,61 @@ class Gateway:
         self.events = events or Events()
         self.tasks = TaskDirectory(store)
         self._unknown: dict[str, float] = {}
+        resilience = config.resilience
+        self.breakers = Breakers(clock, resilience.breaker_failures, resilience.breaker_open_s)
+        limits = config.limits
+        self.admission = Admission(limits.max_concurrent_upstream, limits.max_queued, limits.queue_timeout_s)
+        #: How retries wait; tests swap in one that moves a `ManualClock` instead of sleeping.
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._jitter = random.Random()
+        self._idempotent: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def create(
-        self, body: bytes | SpooledBody, content_type: str, client: str, *, request_meta: str | None = None
+        self,
+        body: bytes | SpooledBody,
+        content_type: str,
+        client: str,
+        *,
+        request_meta: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Created:
         """Count the create against the client's daily limit, then make the task on the pool.
 
         `request_meta` (JSON text) is kept with the task for surfaces that echo what was asked for.
+        With an `idempotency_key`, a create the same client already made with it is answered by its task
+        (without counting or calling upstream), and concurrent ones with the same key wait for the first:
+        upstream sees one create.
         """
+        if idempotency_key is None:
+            return await self._create(body, content_type, client, request_meta, None)
+        if not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+            raise GatewayError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 visible ASCII characters")
+        slot = (client, idempotency_key)
+        lock, users = self._idempotent.get(slot) or (asyncio.Lock(), 0)
+        self._idempotent[slot] = (lock, users + 1)
+        try:
+            async with lock:
+                earlier = await self.store.find_idempotent(client, idempotency_key)
+                if earlier is not None:
+                    log.info("create with a known Idempotency-Key: answering task %s again", earlier.task_id)
+                    replay = json.dumps({"task_id": earlier.task_id}).encode()
+                    return Created(Answer(200, replay, "application/json", Outcome.OK), earlier, replayed=True)
+                return await self._create(body, content_type, client, request_meta, idempotency_key)
+        finally:
+            lock, users = self._idempotent[slot]
+            if users <= 1:
+                del self._idempotent[slot]
+            else:
+                self._idempotent[slot] = (lock, users - 1)
+
+    async def _create(
+        self,
+        body: bytes | SpooledBody,
+        content_type: str,
+        client: str,
+        request_meta: str | None,
+        idempotency_key: str | None,
+    ) -> Created:
         now = self.clock.now()
         await self.pool.roll_day(now)
         day = self.pool.day
@@ -101,7 +158,7 @@ class Gateway:
                 retry_after=retry,
             )
         try:
-            return await self._create_on_pool(body, content_type, client, now, request_meta)
+            return await self._create_on_pool(body, content_type, client, now, request_meta, idempotency_key)
         except GatewayError as exc:
             if exc.code not in UNIT_KEPT:
                 await self.store.release_client(client, day)
@@ -115,15 +172,34 @@ class Gateway:
         return next((c.daily_limit for c in self.config.clients if c.name == client), None)
 
     async def _create_on_pool(
-        self, body: bytes | SpooledBody, content_type: str, client: str, now: datetime, request_meta: str | None
+        self,
+        body: bytes | SpooledBody,
+        content_type: str,
+        client: str,
+        now: datetime,
+        request_meta: str | None,
+        idempotency_key: str | None,
     ) -> Created:
         """Make a task on the best key, failing over to the next while upstream refuses the key."""
         failure: GatewayError | None = None
+        open_circuits: list[str] = []
         for key in self.pool.candidates(now):
-            if not self.pool.usable(key, now) or not await self.pool.reserve(key):
+            if not self.pool.usable(key, now):
                 continue
             try:
-                answer = await self._call(key, "create", self.upstream.create(key, body, content_type))
+                async with self.admission.slot():
+                    permit = self.breakers.allow(key.name)
+                    if permit is Permit.DENY:
+                        open_circuits.append(key.name)
+                        continue
+                    if not await self.pool.reserve(key):
+                        if permit is Permit.PROBE:
+                            self.breakers.abandon(key.name)
+                        continue
+                    answer = await self._call(key, "create", self.upstream.create(key, body, content_type), permit)
+            except Overloaded:
+                self.events.overloaded()
+                raise
             except UpstreamError as exc:
                 if not exc.not_sent:
                     # It may have reached upstream and made a task: the unit stays spent, no retry.
@@ -137,7 +213,7 @@ class Gateway:
                 failure = GatewayError(502, "upstream_unreachable", str(exc))
                 continue
             if answer.outcome is Outcome.OK:
-                return await self._accepted(key, answer, client, now.timestamp(), request_meta)
+                return await self._accepted(key, answer, client, now.timestamp(), request_meta, idempotency_key)
             await self.pool.release(key)
             if answer.outcome in FAILOVER_REASONS:
                 self.events.failover(FAILOVER_REASONS[answer.outcome])
@@ -156,6 +232,14 @@ class Gateway:
                 raise PassThrough(answer)
         if failure is not None:
             raise failure
+        if open_circuits:
+            wait = min(self.breakers.retry_after(name) for name in open_circuits)
+            raise GatewayError(
+                503,
+                "upstream_unavailable",
+                f"upstream keeps failing for every usable key; retry in {wait} s",
+                retry_after=wait,
+            )
         retry = self.pool.retry_after(now)
         self.events.exhausted()
         raise GatewayError(
@@ -166,13 +250,19 @@ class Gateway:
         )
 
     async def _accepted(
-        self, key: KeyConfig, answer: Answer, client: str, now: float, request_meta: str | None = None
+        self,
+        key: KeyConfig,
+        answer: Answer,
+        client: str,
+        now: float,
+        request_meta: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Created:
         task_id = _task_id(answer.body)
         if task_id is None:
             log.error("create on key %s: upstream accepted but gave no usable task id", key.name)
             raise GatewayError(502, "upstream_bad_answer", "upstream accepted the task but its answer had no task id")
-        task = TaskRecord(task_id, key.name, client, now, request_meta=request_meta)
+        task = TaskRecord(task_id, key.name, client, now, idempotency_key=idempotency_key, request_meta=request_meta)
         await self.tasks.add(task)
         self.events.task_created(key.name, client)
         return Created(answer, task)
@@ -202,35 +292,56 @@ class Gateway:
         now = self.clock.monotonic()
         if self._unknown.get(task_id, 0.0) > now:
             raise GatewayError(404, "task_not_found", f"no key knows task {task_id}")
+        other: Answer | None = None
         for key in self.pool.poll_keys():
             answer = await self._poll_with(key, task_id)
-            if answer.outcome in (Outcome.NOT_FOUND, Outcome.AUTH):
+            if answer.outcome is not Outcome.OK:
+                # Only a key that shows the task owns it; a rate limit or a refusal tells nothing.
+                if answer.outcome not in (Outcome.NOT_FOUND, Outcome.AUTH):
+                    other = answer
                 continue
             task = TaskRecord(task_id, key.name, "unknown", self.clock.now().timestamp())
             await self.tasks.add(task)
             log.info("task %s found on key %s", task_id, key.name)
             return Polled(answer, await self._seen(task, answer))
+        if other is not None:
+            raise PassThrough(other)
         if len(self._unknown) >= UNKNOWN_TASK_MEMORY:
             self._unknown.clear()
         self._unknown[task_id] = now + 60.0
         raise GatewayError(404, "task_not_found", f"no key knows task {task_id}")
 
-    async def _call(self, key: KeyConfig, operation: str, call: Awaitable[Answer]) -> Answer:
-        """Await one upstream call, reporting its outcome and duration."""
+    async def _call(
+        self, key: KeyConfig, operation: str, call: Awaitable[Answer], permit: Permit = Permit.PASS
+    ) -> Answer:
+        """Await one upstream call, reporting its outcome and duration, and telling the key's breaker."""
         started = time.perf_counter()
         outcome = "broken"
         status: int | None = None
+        told = False
         try:
             answer = await call
             outcome, status = answer.outcome.value, answer.status
+            told = True
+            if answer.outcome is Outcome.SERVER_ERROR:
+                self._failed(key)
+            elif self.breakers.success(key.name):
+                self.events.circuit(key.name, "closed")
             return answer
-        except UpstreamTimeout:
-            outcome = "timeout"
-            raise
-        except UpstreamUnreachable:
-            outcome = "unreachable"
+        except UpstreamError as exc:
+            outcome = (
+                "timeout"
+                if isinstance(exc, UpstreamTimeout)
+                else "unreachable"
+                if isinstance(exc, UpstreamUnreachable)
+                else "broken"
+            )
+            told = True
+            self._failed(key)
             raise
         finally:
+            if not told and permit is Permit.PROBE:
+                self.breakers.abandon(key.name)
             seconds = time.perf_counter() - started
             self.events.upstream_call(key.name, operation, outcome, seconds)
             upstream_log.info(
@@ -249,15 +360,60 @@ class Gateway:
                 },
             )
 
+    def _failed(self, key: KeyConfig) -> None:
+        if self.breakers.failure(key.name):
+            self.events.circuit(key.name, "open")
+
     async def _poll_with(self, key: KeyConfig, task_id: str) -> Answer:
-        try:
-            return await self._call(key, "poll", self.upstream.poll(key, task_id))
-        except UpstreamError as exc:
-            log.warning("poll of %s on key %s: %s", task_id, key.name, exc)
-            status, code = (
-                (504, "upstream_timeout") if isinstance(exc, UpstreamTimeout) else (502, "upstream_unreachable")
+        """One poll on `key`; transient failures are retried on the same key with jittered backoff.
+
+        Polls change nothing upstream, so a retry is safe. It is bounded by `resilience.poll_retries` and
+        `resilience.poll_retry_budget_s`; what is still failing then becomes a 502 or 504 JSON error.
+        """
+        policy = self.config.resilience
+        started = self.clock.monotonic()
+        attempt = 0
+        while True:
+            error: UpstreamError | None = None
+            answer: Answer | None = None
+            try:
+                async with self.admission.slot():
+                    permit = self.breakers.allow(key.name)
+                    if permit is Permit.DENY:
+                        wait = self.breakers.retry_after(key.name)
+                        raise GatewayError(
+                            503,
+                            "upstream_unavailable",
+                            f"upstream keeps failing for the key of this task ({key.name}); retry in {wait} s",
+                            retry_after=wait,
+                        )
+                    answer = await self._call(key, "poll", self.upstream.poll(key, task_id), permit)
+            except Overloaded:
+                self.events.overloaded()
+                raise
+            except UpstreamError as exc:
+                error = exc
+            transient = (
+                isinstance(error, UpstreamUnreachable | UpstreamBroken)
+                if error is not None
+                else answer is not None and answer.status in TRANSIENT_STATUSES
             )
-            raise GatewayError(status, code, str(exc)) from None
+            if answer is not None and not transient and answer.status < 500:
+                return answer
+            what = str(error) if error is not None else f"upstream answered HTTP {answer.status if answer else '?'}"
+            if transient and attempt < policy.poll_retries:
+                delay = self._jitter.uniform(0.0, policy.poll_backoff_s * 2**attempt)
+                if self.clock.monotonic() - started + delay <= policy.poll_retry_budget_s:
+                    attempt += 1
+                    log.info("poll of %s on key %s: %s; retry %d in %.2f s", task_id, key.name, what, attempt, delay)
+                    await self.sleep(delay)
+                    continue
+            log.warning("poll of %s on key %s: %s (after %d attempt(s))", task_id, key.name, what, attempt + 1)
+            timed_out = isinstance(error, UpstreamTimeout) or (answer is not None and answer.status == 504)
+            if timed_out:
+                raise GatewayError(504, "upstream_timeout", what)
+            code = "upstream_unreachable" if error is not None else "upstream_error"
+            raise GatewayError(502, code, what)
 
     async def _seen(self, task: TaskRecord, answer: Answer) -> TaskRecord:
         if answer.outcome is not Outcome.OK:

@@ -182,3 +182,39 @@ def test_yaml_errors_do_not_quote_the_file(tmp_path: Path) -> None:
         load_config(path)
     assert "line 3" in str(info.value)
     assert "sk-secret" not in str(info.value)
+
+
+def test_limits_and_resilience_sections() -> None:
+    config = parse(
+        {
+            "keys": KEYS,
+            "limits": {"max_concurrent_upstream": 8, "max_queued": 0, "body_read_timeout_s": 2.5, "idle_timeout_s": 5},
+            "resilience": {"poll_retries": 0, "breaker_failures": 0, "breaker_open_s": 12},
+        }
+    )
+    assert (config.limits.max_concurrent_upstream, config.limits.max_queued) == (8, 0)
+    assert (config.limits.body_read_timeout_s, config.limits.idle_timeout_s) == (2.5, 5.0)
+    assert config.limits.queue_timeout_s == 10.0 and config.limits.max_body_bytes == 20 * 1024 * 1024
+    assert (config.resilience.poll_retries, config.resilience.breaker_failures) == (0, 0)
+    assert config.resilience.breaker_open_s == 12.0 and config.resilience.poll_backoff_s == 0.2
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "field"),
+    [
+        ("limits", {"max_concurrent_upstream": 0}, "limits.max_concurrent_upstream"),
+        ("limits", {"max_queued": -1}, "limits.max_queued"),
+        ("limits", {"max_body_bytes": 1.5}, "limits.max_body_bytes"),
+        ("limits", {"body_read_timeout_s": 0}, "limits.body_read_timeout_s"),
+        ("limits", {"idle_timeout_s": "long"}, "limits.idle_timeout_s"),
+        ("limits", {"queue_timeout": 1}, "limits.queue_timeout"),
+        ("resilience", {"poll_retries": True}, "resilience.poll_retries"),
+        ("resilience", {"poll_retry_budget_s": -1}, "resilience.poll_retry_budget_s"),
+        ("resilience", {"breaker_failures": -2}, "resilience.breaker_failures"),
+        ("resilience", {"breaker": 3}, "resilience.breaker"),
+    ],
+)
+def test_limits_and_resilience_errors_name_the_field(section: str, value: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"keys": KEYS, section: value})
+    assert str(info.value).startswith(field + ":"), str(info.value)
