@@ -40,6 +40,8 @@ REQUEST_ID = "agnes_request_id"  # request key: this request's id
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 #: Status logged and counted when the client went away before the answer (as nginx does).
 CLIENT_CLOSED = 499
+#: Errors about a request body that was not (fully) read: answered, then the connection is closed.
+HANG_UP_STATUSES = frozenset({408, 413})
 
 
 def create_app(
@@ -156,24 +158,38 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as exc:
+        if exc.status in HANG_UP_STATUSES:
+            return await _answer_and_hang_up(request, error_response(exc))
         return error_response(exc)
     except PassThrough as exc:
         return answer_response(exc.answer)
     except web.HTTPRequestEntityTooLarge as exc:
         limit = request.config_dict[GATEWAY].config.limits.max_body_bytes
-        return error_response(
-            GatewayError(exc.status, "body_too_large", f"the request body is over the limit of {limit} bytes")
-        )
+        error = GatewayError(exc.status, "body_too_large", f"the request body is over the limit of {limit} bytes")
+        return await _answer_and_hang_up(request, error_response(error))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return error_response(GatewayError(exc.status, code, exc.reason))
+        response = error_response(GatewayError(exc.status, code, exc.reason))
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.match_info.route.resource or request.path)
         return error_response(GatewayError(500, "internal_error", "the gateway failed to handle this request"))
+
+
+async def _answer_and_hang_up(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection: the rest of a slow or oversized body is not worth reading."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 @web.middleware
@@ -195,12 +211,18 @@ async def serve(config: Config, *, clock: Clock | None = None, reload_config: Co
         )
     app = create_app(config, clock=clock, reload_config=reload_config)
     # On shutdown aiohttp stops listening, closes idle connections and gives running requests this long.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown.drain_s)
+    # keepalive_timeout also closes a connection that never completes its request headers (slowloris).
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=config.shutdown.drain_s,
+        keepalive_timeout=config.limits.idle_timeout_s,
+    )
     await runner.setup()
     stop_reloading = reload_on_hangup(app[RELOADER], lambda: app[GATEWAY])
     runners = [runner]
     try:
-        await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+        await web.TCPSite(runner, config.listen.host, config.listen.port, backlog=4096).start()
         if config.metrics.port is not None:
             metrics_runner = web.AppRunner(create_metrics_app(app[METRICS], config.metrics.token), access_log=None)
             await metrics_runner.setup()

@@ -20,7 +20,8 @@ def bearer(header: str | None) -> str | None:
 
 def matches(token: str, secret: Secret) -> bool:
     """Constant-time comparison, so response times do not reveal how much of a token was right."""
-    return hmac.compare_digest(token.encode(), secret.reveal().encode())
+    # surrogateescape: a header with bytes that are not UTF-8 is compared as those bytes, never an error.
+    return hmac.compare_digest(token.encode("utf-8", "surrogateescape"), secret.reveal().encode())
 
 
 def identify(clients: tuple[ClientConfig, ...], header: str | None) -> str | None:

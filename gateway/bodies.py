@@ -91,6 +91,21 @@ class SpooledBody:
             offset += len(chunk)
             yield chunk
 
+    async def head(self, n: int) -> bytes:
+        """The first `n` bytes (fewer if the body is shorter)."""
+        return await self._slice(0, min(n, self.size))
+
+    async def tail(self, n: int) -> bytes:
+        """The last `n` bytes (fewer if the body is shorter)."""
+        n = min(n, self.size)
+        return await self._slice(self.size - n, n)
+
+    async def _slice(self, offset: int, n: int) -> bytes:
+        if self._file is None:
+            return bytes(self._memory[offset : offset + n])
+        await asyncio.to_thread(self._file.flush)
+        return await asyncio.to_thread(os.pread, self._file.fileno(), n, offset)
+
     async def read_all(self) -> bytes:
         """The whole body, for the few places that must see it at once (tests, small bodies)."""
         return b"".join([chunk async for chunk in self.chunks()])

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from .config import Config, Secret
 
 REDACTED = "[REDACTED]"
@@ -62,6 +64,11 @@ class RedactSecrets(logging.Filter):
             value = getattr(record, name, None)
             if isinstance(value, str) and any(v in value for v in self.values):
                 setattr(record, name, self._scrub(value))
+        if record.exc_info and not record.exc_text:
+            # A traceback can quote request bytes (a bad header line with a token in it): scrub it too.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and any(v in record.exc_text for v in self.values):
+            record.exc_text = self._scrub(record.exc_text)
         return True
 
     def _scrub(self, text: str) -> str:
@@ -81,6 +88,22 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every unparsable request as an ERROR with a traceback quoting the request's bytes.
+
+    That is the client's mistake, not the gateway's, and a hostile client could fill the log with it:
+    keep one INFO line naming the problem, without the bytes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed HTTP request refused (%s %s)", (exc.code, type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= logging.getLogger().getEffectiveLevel()
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the structured fields, any exception."""
 
@@ -95,7 +118,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 doc[name] = value
-        if record.exc_info:
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        elif record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
 
@@ -128,6 +153,9 @@ def setup_logging(config: Config, stream: TextIO | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(config.log.level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())
 
 
 def secrets_filter(config: Config) -> RedactSecrets:
