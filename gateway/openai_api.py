@@ -7,6 +7,7 @@ the status codes the SDK maps to its exception classes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import mimetypes
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .appkeys import GATEWAY
 from .auth import identify
@@ -293,11 +295,24 @@ class CreateRequest:
 async def create_video(request: web.Request) -> web.Response:
     gateway = request.config_dict[GATEWAY]
     config = gateway.config.openai
-    fields, upload = await _read_create(request, gateway.config.limits.max_body_bytes)
+    limits = gateway.config.limits
+    try:
+        async with asyncio.timeout(limits.body_read_timeout_s):
+            fields, upload = await _read_create(request, limits.max_body_bytes)
+    except TimeoutError:
+        raise OpenAIError(
+            408, "body_timeout", f"the request body did not arrive within {limits.body_read_timeout_s:g} s"
+        ) from None
     create = CreateRequest.parse(fields, upload)
     body, content_type = create.upstream_body(config)
     meta = create.meta(config)
-    created = await gateway.create(body, content_type, request[CLIENT], request_meta=meta.to_json())
+    created = await gateway.create(
+        body,
+        content_type,
+        request[CLIENT],
+        request_meta=meta.to_json(),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )
     request[KEY_NAME] = created.task.key_name
     return _answer(video_object(created.task, config, {"status": "queued", "progress": 0}), config)
 
@@ -348,8 +363,10 @@ async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, Any], 
                 fields.setdefault("input_reference", {})[name[16:-1]] = _text(data, name)
             else:
                 fields[name] = _text(data, name)
-    except ValueError as exc:
-        raise OpenAIError(400, "invalid_request", f"the multipart body cannot be read ({exc})") from None
+    except (ValueError, HttpProcessingError) as exc:
+        # HttpProcessingError: a part's headers are malformed (control characters and the like).
+        reason = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise OpenAIError(400, "invalid_request", f"the multipart body cannot be read ({reason})") from None
     return fields, upload
 
 
@@ -467,6 +484,16 @@ async def download_video(request: web.Request) -> web.StreamResponse:
 
 @routes.route("*", "/{tail:.*}")
 async def unknown_route(request: web.Request) -> web.Response:
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:  # a known path with another method
+        error = OpenAIError(405, "method_not_allowed", f"{request.path} takes {', '.join(sorted(allowed))}")
+        response = error_response(error)
+        response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
     raise OpenAIError(404, "unknown_route", f"{request.method} {request.path} is not supported by this gateway")
 
 

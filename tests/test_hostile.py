@@ -354,3 +354,24 @@ async def test_malformed_requests_log_one_line_and_no_bytes(upstream: Upstream, 
     assert "Traceback" not in out
     assert out.count("malformed HTTP request refused") >= 2
     assert upstream.state.requests == 0
+
+
+async def test_openai_multipart_with_control_characters_in_a_part_header_is_400(
+    locked: Running, upstream: Upstream
+) -> None:
+    body = b'--b\r\nContent-Disposition: form-data; name="x\x02y"\r\n\r\n1\r\n--b--\r\n'
+    resp = await locked.client.post(
+        "/openai/v1/videos", data=body, headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "invalid_request"
+    await nothing_spent(locked, upstream)
+
+
+async def test_openai_paths_with_another_method_are_405_with_allow(locked: Running, upstream: Upstream) -> None:
+    for method, path in (("TRACE", "/openai/v1/videos"), ("PUT", "/openai/v1/videos/abc")):
+        resp = await locked.client.request(method, path, headers=AUTH)
+        assert resp.status == 405
+        assert "GET" in resp.headers["Allow"]
+    assert (await locked.client.get("/openai/v1/nothing", headers=AUTH)).status == 404
+    assert upstream.state.requests == 0
