@@ -22,6 +22,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from .auth import bearer, matches
+from .breaker import BreakerState
 from .config import Secret
 from .errors import GatewayError, error_response
 from .events import Events
@@ -100,6 +101,11 @@ class PoolCollector:
             "1 for the key's current state (active, spent, cooling, disabled), 0 for the others.",
             labels=["key", "state"],
         )
+        circuit = GaugeMetricFamily(
+            f"{NAMESPACE}_key_circuit_open",
+            "1 while the key's circuit breaker keeps calls off it (open, or probing), else 0.",
+            labels=["key"],
+        )
         ts = snapshot.now.timestamp()
         for status in gateway.pool.statuses():
             name = status.name
@@ -111,7 +117,18 @@ class PoolCollector:
             current = status.state(ts)
             for each in KeyState:
                 state.add_metric([name, each.value], 1.0 if each is current else 0.0)
-        yield from (used, limit, remaining, state)
+            circuit.add_metric([name], 0.0 if gateway.breakers.state(name) is BreakerState.CLOSED else 1.0)
+        yield from (used, limit, remaining, state, circuit)
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_upstream_calls_in_flight",
+            "Upstream calls under way (at most limits.max_concurrent_upstream).",
+            value=gateway.admission.active,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_requests_queued",
+            "Requests waiting for an upstream slot (at most limits.max_queued).",
+            value=gateway.admission.queued,
+        )
         yield GaugeMetricFamily(
             f"{NAMESPACE}_quota_reset_timestamp_seconds",
             "When the next quota day starts (Unix time).",
@@ -182,6 +199,12 @@ class GatewayMetrics(Events):
             namespace=NAMESPACE,
             registry=r,
         )
+        self.overload_rejections = Counter(
+            "overload_rejections",
+            "Requests refused with 503 because the upstream slots and the queue were full.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.tasks_created = Counter(
             "tasks_created",
             "Tasks upstream accepted, by key and client.",
@@ -220,6 +243,9 @@ class GatewayMetrics(Events):
 
     def task_created(self, key: str, client: str) -> None:
         self.tasks_created.labels(key, client).inc()
+
+    def overloaded(self) -> None:
+        self.overload_rejections.inc()
 
     # --- exposition -----------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, LimitsConfig
 from .logs import redact_more
 from .service import Gateway
 from .upstream import UpstreamClient
@@ -51,7 +51,9 @@ def restart_only(old: Config, new: Config) -> tuple[str, ...]:
         "listen": (old.listen, new.listen),
         "database": (old.database, new.database),
         "upstream.max_connections": (old.upstream.max_connections, new.upstream.max_connections),
-        "limits.max_body_bytes": (old.limits.max_body_bytes, new.limits.max_body_bytes),
+        **{
+            f"limits.{f.name}": (getattr(old.limits, f.name), getattr(new.limits, f.name)) for f in fields(LimitsConfig)
+        },
         "log.format": (old.log.format, new.log.format),
         "shutdown.drain_s": (old.shutdown.drain_s, new.shutdown.drain_s),
         "metrics": (old.metrics, new.metrics),
@@ -121,6 +123,8 @@ class Reloader:
         gateway.config = config
         if config.upstream != old.upstream:
             gateway.upstream = UpstreamClient(config.upstream, gateway.upstream.session)
+        gateway.breakers.threshold = config.resilience.breaker_failures
+        gateway.breakers.open_s = config.resilience.breaker_open_s
         gateway.pool.schedule = config.schedule
         gateway.pool.configure(config.keys)
         await gateway.pool.load(gateway.clock.now())

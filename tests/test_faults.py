@@ -382,3 +382,16 @@ async def test_every_circuit_open_is_503_with_retry_after(
     assert resp.headers["Retry-After"] == "45"
     assert upstream.state.requests == calls
     assert sum((await gw.gateway.store.usage(gw.gateway.pool.day)).values()) == 0
+
+
+async def test_open_circuits_show_in_the_metrics(
+    make_gateway: MakeGateway, upstream: Upstream, clock: ManualClock
+) -> None:
+    gw = await make_gateway(resilience={"breaker_failures": 1, "breaker_open_s": 30})
+    upstream.state.add_fault(Fault(kind="status", status=500, key=KEY_A, operation="create", times=-1))
+    for _ in range(3):  # keys a and b take turns: a is tried within two creates
+        assert (await gw.create()).status == 200
+    assert upstream.state.calls[(KEY_A, "create")] == 1
+    text = await (await gw.client.get("/metrics")).text()
+    assert 'agnes_gateway_key_circuit_open{key="a"} 1.0' in text
+    assert 'agnes_gateway_key_circuit_open{key="b"} 0.0' in text

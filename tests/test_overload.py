@@ -89,6 +89,10 @@ async def test_beyond_the_upstream_slots_and_queue_the_gateway_answers_503_at_on
     for resp in refused:
         assert resp.headers["Retry-After"] == "1"
         assert (await resp.json())["error"]["code"] == "overloaded"
+    metrics = await (await gw.client.get("/metrics")).text()
+    assert "agnes_gateway_overload_rejections_total 3.0" in metrics
+    assert "agnes_gateway_upstream_calls_in_flight 2.0" in metrics
+    assert "agnes_gateway_requests_queued 1.0" in metrics
     # Two in flight hold one unit each; the queued one has not reserved any yet.
     assert sum((await gw.gateway.store.usage(gw.gateway.pool.day)).values()) == 2
     upstream.state.clear_faults()
