@@ -26,7 +26,7 @@ from .pool import KeyPool
 from .proxy import CLIENT, KEY_NAME, answer_response, routes
 from .reload import ConfigLoader, Reloader, reload_on_hangup
 from .service import Gateway, PassThrough
-from .store import Store, open_store
+from .store import Store, mask_password, open_store
 from .upstream import UpstreamClient
 
 log = logging.getLogger("agnes_gateway")
@@ -243,7 +243,7 @@ async def serve(config: Config, *, clock: Clock | None = None, reload_config: Co
         config.listen.port,
         len(config.keys),
         config.upstream.base_url,
-        config.database,
+        mask_password(config.database),
     )
     await wait_for_signal()
     stop_reloading()

@@ -24,7 +24,7 @@ from .generate import add_parser as add_generate_parser
 from .logs import setup_logging
 from .pool import KeyPool
 from .simulator import Fault, SimulatorConfig, create_simulator_app
-from .store import open_store
+from .store import mask_password, open_store
 
 CONFIG_ENV = "AGNES_GATEWAY_CONFIG"
 ADMIN_TOKEN_ENV = "AGNES_GATEWAY_ADMIN_TOKEN"
@@ -178,7 +178,7 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{config.source}: OK")
     print(f"  listen    {config.listen.host}:{config.listen.port}")
     print(f"  upstream  {config.upstream.base_url}")
-    print(f"  database  {config.database}")
+    print(f"  database  {mask_password(config.database)}")
     print(f"  quota day starts {config.schedule.reset:%H:%M} {config.schedule.tz.key}")
     for key in config.keys:
         limit = "unlimited" if key.daily_limit is None else f"{key.daily_limit}/day"

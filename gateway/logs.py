@@ -14,6 +14,7 @@ from typing import TextIO
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import Config, Secret
+from .store.urls import passwords
 
 REDACTED = "[REDACTED]"
 
@@ -165,6 +166,7 @@ def secrets_filter(config: Config) -> RedactSecrets:
 def config_secrets(config: Config) -> list[Secret]:
     """Every credential in `config`: upstream keys, client tokens, the admin token."""
     secrets: list[Secret] = [k.secret for k in config.keys] + [c.token for c in config.clients]
+    secrets += [Secret(p) for p in passwords(config.database)]
     for extra in (config.admin_token, config.metrics.token):
         if extra is not None:
             secrets.append(extra)

@@ -5,6 +5,7 @@ No HTTP in here: the pool is told what upstream answered and persists what must 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -62,6 +63,13 @@ class KeyPool:
         self._retired: dict[str, KeyConfig] = {}
         self._day = ""
         self._turn = 0
+        self._reading = asyncio.Lock()
+        self._reads_started = 0
+        self._reads_done = 0
+        self._marks_written = 0
+        self._marks_writing = 0
+        #: Marks whose time ran out and were said to be over: a re-read of the store does not bring them back.
+        self._expired: dict[str, KeyMark] = {}
         self.configure(keys)
 
     # --- configuration ------------------------------------------------------------------
@@ -79,30 +87,70 @@ class KeyPool:
             self._keys[name] = KeyStatus(key, old.used, old.mark, old.last_error) if old else KeyStatus(key)
 
     async def load(self, now: datetime) -> None:
-        """Read today's counts and persisted states from the store (at start, or to catch up)."""
-        self._day = self.schedule.day_key(now)
-        usage = await self.store.usage(self._day)
+        """Read today's counts and persisted states from the store, at start (or after a reload).
+
+        A key disabled under a secret that has since changed in the config is a new key: its mark goes.
+        """
         marks = await self.store.key_marks()
         for status in self._keys.values():
-            status.used = usage.get(status.name, 0)
             mark = marks.get(status.name)
-            if mark is not None and mark.state is KeyState.DISABLED and mark.fingerprint != fingerprint(status.config):
+            if mark is not None and self._applicable(status, mark) is None:
                 log.info(
                     "key %s was disabled but its secret has changed: enabling it",
                     status.name,
                     extra={"key": status.name, "state": KeyState.ACTIVE.value},
                 )
-                await self.store.set_key_mark(status.name, None)
-                mark = None
-            status.mark = mark
+                await self._write_mark(status.name, None)
+        await self.refresh(now, force=True)
 
     async def roll_day(self, now: datetime) -> None:
         """Start a new quota day when `now` has passed into one."""
+        if self.schedule.day_key(now) != self._day:
+            await self.refresh(now)
+
+    async def refresh(self, now: datetime, *, force: bool = False) -> None:
+        """Catch up with the store: today's counts and every key's mark, as every replica left them.
+
+        Called before each choice of key, so a key that another gateway sharing the database marked
+        spent, cooling or disabled is skipped at once. Callers that arrive together share one read:
+        each waits for a read that started after it asked, so none sees state older than its arrival.
+        """
         day = self.schedule.day_key(now)
-        if day != self._day:
-            if self._day:
-                log.info("new quota day %s: counts start again", day)
-            await self.load(now)
+        asked = self._reads_started
+        async with self._reading:
+            if self._reads_done > asked and self._day == day and not force:
+                return
+            self._reads_started += 1
+            started = self._reads_started
+            await self._read(day)
+            self._reads_done = started
+
+    async def _read(self, day: str) -> None:
+        if day != self._day and self._day:
+            log.info("new quota day %s: counts start again", day)
+        marks_written, marks_writing = self._marks_written, self._marks_writing
+        usage = await self.store.usage(day)
+        marks = await self.store.key_marks()
+        self._day = day
+        # A mark this process was writing while the read was under way is newer than what was read.
+        fresh = marks_writing == 0 and self._marks_writing == 0 and self._marks_written == marks_written
+        for status in self._keys.values():
+            status.used = usage.get(status.name, 0)
+            if fresh:
+                mark = self._applicable(status, marks.get(status.name))
+                status.mark = None if mark is not None and mark == self._expired.get(status.name) else mark
+
+    @staticmethod
+    def _applicable(status: KeyStatus, mark: KeyMark | None) -> KeyMark | None:
+        """A disabled mark names the secret it refused: a gateway holding another secret under the name ignores it."""
+        if (
+            mark is not None
+            and mark.state is KeyState.DISABLED
+            and mark.fingerprint is not None
+            and mark.fingerprint != fingerprint(status.config)
+        ):
+            return None
+        return mark
 
     # --- lookup -------------------------------------------------------------------------
 
@@ -215,7 +263,7 @@ class KeyPool:
         status = self._keys.get(key.name)
         if status is not None:
             status.mark = None
-        await self.store.set_key_mark(key.name, None)
+        await self._write_mark(key.name, None)
         log.info("key %s enabled", key.name, extra={"key": key.name, "state": KeyState.ACTIVE.value})
 
     async def reset(self, key: KeyConfig, *, counts: bool = False) -> None:
@@ -223,7 +271,7 @@ class KeyPool:
         status = self._keys.get(key.name)
         if status is not None and status.mark is not None and status.mark.state is not KeyState.DISABLED:
             status.mark = None
-            await self.store.set_key_mark(key.name, None)
+            await self._write_mark(key.name, None)
         if counts:
             await self.store.reset_usage(key.name, self._day)
             if status is not None:
@@ -235,7 +283,7 @@ class KeyPool:
         if status is not None:
             status.mark = mark
             status.last_error = mark.reason
-        await self.store.set_key_mark(key.name, mark)
+        await self._write_mark(key.name, mark)
         log.log(
             level,
             "key %s is now %s: %s",
@@ -251,6 +299,7 @@ class KeyPool:
             mark = status.mark
             if mark is not None and mark.until is not None and mark.until <= ts:
                 status.mark = None
+                self._expired[status.name] = mark
                 state = status.state(ts)
                 log.info(
                     "key %s is %s again (it was %s: %s)",
@@ -260,3 +309,11 @@ class KeyPool:
                     mark.reason,
                     extra={"key": status.name, "state": state.value},
                 )
+
+    async def _write_mark(self, key_name: str, mark: KeyMark | None) -> None:
+        self._marks_writing += 1
+        try:
+            await self.store.set_key_mark(key_name, mark)
+        finally:
+            self._marks_writing -= 1
+            self._marks_written += 1

@@ -147,7 +147,8 @@ class Gateway:
         idempotency_key: str | None,
     ) -> Created:
         now = self.clock.now()
-        await self.pool.roll_day(now)
+        # Counts and key marks as every gateway sharing the store left them, not as this one last saw them.
+        await self.pool.refresh(now)
         day = self.pool.day
         if await self.store.reserve_client(client, day, self.client_limit(client)) is None:
             retry = max(1, math.ceil(self.pool.schedule.seconds_to_reset(now)))

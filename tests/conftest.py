@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -27,6 +31,50 @@ TOKEN = "tok-team-a-0123456789abcdef"
 BODY = {"model": "agnes-video-v2.0", "prompt": "A cat playing piano in a jazz bar"}
 
 Client = TestClient[web.Request, web.Application]
+
+POSTGRES_URL_ENV = "AGNES_TEST_POSTGRES_URL"
+BACKENDS = ("sqlite", "postgresql")
+#: Runs a test once per backend: its `database` fixture is a SQLite file, then a fresh PostgreSQL schema.
+both_backends = pytest.mark.parametrize("database", BACKENDS, indirect=True)
+
+
+def postgres_url() -> str:
+    """The test PostgreSQL server; skips the calling test without one, or fails it when `CI` is set."""
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if url:
+        return url
+    reason = f"{POSTGRES_URL_ENV} is not set (bash scripts/test.sh starts a throw-away PostgreSQL)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run", pytrace=False)
+    pytest.skip(reason)
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """`url` with its tables in `schema` (asyncpg passes unknown URL parameters on as server settings)."""
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, f"search_path={schema}") if q)
+    return parts._replace(query=query).geturl()
+
+
+@asynccontextmanager
+async def postgres_schema(url: str) -> AsyncIterator[str]:
+    """A fresh, empty schema on the test server, as a database URL of its own; dropped afterwards."""
+    import asyncpg
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {name}")
+    finally:
+        await conn.close()
+    try:
+        yield with_search_path(url, name)
+    finally:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"DROP SCHEMA {name} CASCADE")
+        finally:
+            await conn.close()
 
 
 @dataclass
@@ -67,6 +115,17 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Where the test's gateway keeps its state: a SQLite file, or a fresh PostgreSQL schema (`both_backends`)."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield str(tmp_path / "gateway.db")
+        return
+    async with postgres_schema(postgres_url()) as url:
+        yield url
+
+
+@pytest.fixture
 async def make_upstream(aiohttp_server: Any, clock: ManualClock) -> Callable[..., Awaitable[Upstream]]:
     async def make(keys: dict[str, int | None] | None = None, **settings: Any) -> Upstream:
         config = SimulatorConfig(keys=keys or {KEY_A: 100, KEY_B: 100, KEY_C: 100}, task_seconds=10, **settings)
@@ -100,7 +159,7 @@ async def ticking_upstream(aiohttp_server: Any, clock: ManualClock) -> Upstream:
     return Upstream(server, app[SIMULATOR_STATE])
 
 
-def gateway_config(upstream_url: str, database: Path, **overrides: Any) -> dict[str, Any]:
+def gateway_config(upstream_url: str, database: Path | str, **overrides: Any) -> dict[str, Any]:
     """A config document with three keys (a, b at priority 0; c a backup) and no clients."""
     doc: dict[str, Any] = {
         "upstream": {"base_url": upstream_url, "timeout_s": 2},
@@ -117,12 +176,12 @@ def gateway_config(upstream_url: str, database: Path, **overrides: Any) -> dict[
 
 @pytest.fixture
 async def make_gateway(
-    aiohttp_client: Any, upstream: Upstream, tmp_path: Path, clock: ManualClock
+    database: str, aiohttp_client: Any, upstream: Upstream, clock: ManualClock
 ) -> Callable[..., Awaitable[Running]]:
-    """Start a gateway in front of `upstream`; keyword arguments override parts of the config."""
+    """Start a gateway in front of `upstream` on `database`; keyword arguments override parts of the config."""
 
     async def make(doc: dict[str, Any] | None = None, **overrides: Any) -> Running:
-        config = parse_config(doc or gateway_config(upstream.url, tmp_path / "gateway.db", **overrides))
+        config = parse_config(doc or gateway_config(upstream.url, database, **overrides))
         app = create_app(config, clock=clock)
         client: Client = await aiohttp_client(app)
         return Running(client, app, config)

@@ -16,7 +16,18 @@ from gateway.config import parse_config
 from gateway.simulator import Fault
 from gateway.store import KeyState
 
-from .conftest import BODY, KEY_A, KEY_B, KEY_C, TOKEN, Running, Upstream, direct_poll, gateway_config
+from .conftest import (
+    BODY,
+    KEY_A,
+    KEY_B,
+    KEY_C,
+    TOKEN,
+    Running,
+    Upstream,
+    both_backends,
+    direct_poll,
+    gateway_config,
+)
 
 MakeGateway = Callable[..., Awaitable[Running]]
 MakeUpstream = Callable[..., Awaitable[Upstream]]
@@ -34,6 +45,7 @@ async def states(gw: Running) -> dict[str, KeyState]:
 # --- 1. drop-in pass-through ------------------------------------------------------------
 
 
+@both_backends
 async def test_create_and_poll_pass_through_byte_for_byte(gw: Running, upstream: Upstream) -> None:
     raw = b'{"model": "agnes-video-v2.0", "prompt": "x", "image": "https://e.x/a.png", "seed": 7, "mode": {"k": [1]}}'
     resp = await gw.client.post(
@@ -53,6 +65,7 @@ async def test_create_and_poll_pass_through_byte_for_byte(gw: Running, upstream:
     assert polled.headers["Content-Type"].startswith("application/json")
 
 
+@both_backends
 async def test_upstream_client_error_passes_through_and_spends_nothing(gw: Running, upstream: Upstream) -> None:
     resp = await gw.create({"model": "agnes-video-v2.0"})  # no prompt: the simulator refuses it
     assert resp.status == 400
@@ -93,6 +106,7 @@ async def test_unknown_route_is_json_404(gw: Running) -> None:
 # --- 4. quota reserved atomically before forwarding ---------------------------------------
 
 
+@both_backends
 async def test_concurrent_creates_never_exceed_the_daily_limit(make_gateway: MakeGateway, upstream: Upstream) -> None:
     gw = await make_gateway(keys=one_key(10))
     answers = await asyncio.gather(*(gw.create() for _ in range(40)))
@@ -101,6 +115,7 @@ async def test_concurrent_creates_never_exceed_the_daily_limit(make_gateway: Mak
     assert upstream.state.creates[KEY_A] == 10
 
 
+@both_backends
 async def test_counts_survive_a_restart(make_gateway: MakeGateway, upstream: Upstream) -> None:
     first = await make_gateway(keys=one_key(5))
     for _ in range(3):
@@ -112,6 +127,7 @@ async def test_counts_survive_a_restart(make_gateway: MakeGateway, upstream: Ups
     assert upstream.state.creates[KEY_A] == 5
 
 
+@both_backends
 async def test_quota_day_starts_again_at_midnight_shanghai(
     make_gateway: MakeGateway, upstream: Upstream, clock: ManualClock
 ) -> None:
@@ -143,6 +159,7 @@ async def test_quota_day_follows_configured_reset_time_and_zone(
 # --- 3. key choice ----------------------------------------------------------------------
 
 
+@both_backends
 async def test_lowest_priority_number_first_with_turns_on_ties(gw: Running, upstream: Upstream) -> None:
     for _ in range(10):
         assert (await gw.create()).status == 200
@@ -167,6 +184,7 @@ async def test_key_with_most_quota_left_goes_first(make_gateway: MakeGateway, up
 # --- 5. failover --------------------------------------------------------------------------
 
 
+@both_backends
 async def test_quota_refusal_marks_key_spent_and_fails_over(
     gw: Running, upstream: Upstream, clock: ManualClock
 ) -> None:
@@ -195,6 +213,7 @@ async def test_quota_refusal_wordings(make_gateway: MakeGateway, upstream: Upstr
     assert {s: (await states(gw))[s] for s in "ab"} == {"a": KeyState.SPENT, "b": KeyState.SPENT}
 
 
+@both_backends
 async def test_rate_limit_cools_key_down_for_retry_after(gw: Running, upstream: Upstream, clock: ManualClock) -> None:
     upstream.state.add_fault(Fault(kind="rate_limit", retry_after=30, key=KEY_A, times=1))
     upstream.state.add_fault(Fault(kind="rate_limit", retry_after=30, key=KEY_B, times=1))
@@ -221,11 +240,12 @@ async def test_rate_limit_without_retry_after_cools_for_the_default(
     assert (await gw.create()).status == 200
 
 
+@both_backends
 async def test_revoked_key_is_disabled_persistently_and_skipped(
-    make_gateway: MakeGateway, make_upstream: MakeUpstream, tmp_path: Path
+    make_gateway: MakeGateway, make_upstream: MakeUpstream, database: str
 ) -> None:
     upstream = await make_upstream(keys={KEY_B: 100, KEY_C: 100})  # KEY_A is unknown upstream: 401
-    doc = gateway_config(upstream.url, tmp_path / "g.db")
+    doc = gateway_config(upstream.url, database)
     gw = await make_gateway(doc)
     for _ in range(3):
         assert (await gw.create()).status == 200
@@ -243,6 +263,7 @@ async def test_revoked_key_is_disabled_persistently_and_skipped(
     assert (await states(replaced))["a"] is KeyState.ACTIVE
 
 
+@both_backends
 async def test_server_error_on_create_fails_over(gw: Running, upstream: Upstream) -> None:
     upstream.state.add_fault(Fault(kind="html_error", status=503, key=KEY_A, times=-1))
     upstream.state.add_fault(Fault(kind="html_error", status=503, key=KEY_B, times=-1))
@@ -272,6 +293,7 @@ async def test_each_key_is_tried_once_then_429_all_keys_exhausted(gw: Running, u
 # --- 7. task routing --------------------------------------------------------------------
 
 
+@both_backends
 async def test_every_poll_goes_to_the_key_that_made_the_task(gw: Running, upstream: Upstream) -> None:
     ids = [(await (await gw.create()).json())["task_id"] for _ in range(6)]
     owners = {upstream.state.tasks[t].key for t in ids}
@@ -284,6 +306,7 @@ async def test_every_poll_goes_to_the_key_that_made_the_task(gw: Running, upstre
         assert record is not None and upstream.state.tasks[task_id].key == {"a": KEY_A, "b": KEY_B}[record.key_name]
 
 
+@both_backends
 async def test_task_made_elsewhere_is_found_on_its_key_and_remembered(gw: Running, upstream: Upstream) -> None:
     async with gw.client.session.post(
         f"{upstream.url}/v1/videos", json=BODY, headers={"Authorization": f"Bearer {KEY_C}"}
@@ -385,6 +408,7 @@ async def test_unreachable_upstream_is_502_and_spends_nothing(make_gateway: Make
     assert (await gw.client.get("/healthz")).status == 200
 
 
+@both_backends
 async def test_upstream_timeout_is_504_and_keeps_the_reservation(make_gateway: MakeGateway, upstream: Upstream) -> None:
     gw = await make_gateway(upstream={"base_url": upstream.url, "timeout_s": 0.3})
     upstream.state.add_fault(Fault(kind="slow", delay_s=1.0, times=1))
@@ -408,6 +432,7 @@ async def test_poll_timeout_is_504(make_gateway: MakeGateway, upstream: Upstream
 # --- 12. health ---------------------------------------------------------------------------
 
 
+@both_backends
 async def test_healthz(gw: Running) -> None:
     resp = await gw.client.get("/healthz")
     assert resp.status == 200

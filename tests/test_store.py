@@ -1,19 +1,24 @@
-"""The `Store` contract, checked against a real database file."""
+"""The `Store` contract, checked against each backend: a real SQLite file and a real PostgreSQL server."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
-from pathlib import Path
+from contextlib import closing
 
 import pytest
 
-from gateway.store import KeyMark, KeyState, SQLiteStore, Store, TaskRecord
+from gateway.store import KeyMark, KeyState, Store, TaskRecord, is_postgres, open_store
+
+from .conftest import both_backends
+
+pytestmark = both_backends
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = SQLiteStore(str(tmp_path / "store.db"))
+async def store(database: str) -> AsyncIterator[Store]:
+    s = open_store(database)
     await s.open()
     yield s
     await s.close()
@@ -100,15 +105,81 @@ async def test_list_delete_and_prune(store: Store) -> None:
     assert await store.task_counts() == {"unknown": 2}
 
 
-async def test_counts_survive_reopening(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
-    first = SQLiteStore(path)
+async def test_counts_survive_reopening(database: str) -> None:
+    first = open_store(database)
     await first.open()
     await first.reserve("a", "d", 5)
     await first.add_task(TaskRecord("t", "a", "c", 1.0))
     await first.close()
-    second = SQLiteStore(path)
+    second = open_store(database)
     await second.open()
     assert await second.usage("d") == {"a": 1}
     assert await second.get_task("t") is not None
     await second.close()
+
+
+async def test_stores_sharing_a_database_never_overshoot_together(database: str) -> None:
+    # Three gateways on one database, opened together (each creates or checks the schema at once).
+    replicas = [open_store(database) for _ in range(3)]
+    await asyncio.gather(*(s.open() for s in replicas))
+    try:
+        results = await asyncio.gather(*(replicas[i % 3].reserve("a", "d", 20) for i in range(60)))
+        assert sorted(r for r in results if r is not None) == list(range(1, 21))
+        await replicas[0].set_key_mark("a", KeyMark(KeyState.DISABLED, "401", None, "f"))
+        await replicas[1].add_task(TaskRecord("t", "a", "c", 1.0))
+        for other in replicas:
+            assert await other.usage("d") == {"a": 20}
+            assert await other.key_marks() == {"a": KeyMark(KeyState.DISABLED, "401", None, "f")}
+            assert await other.get_task("t") is not None
+    finally:
+        for s in replicas:
+            await s.close()
+
+
+async def test_values_round_trip_exactly(store: Store) -> None:
+    body = bytes(range(256)) + "完成".encode()
+    task = TaskRecord(
+        "t-exact", "a", "c", 1772424000.123456789, "completed", None, 1772424061.5, body, None, '{"prompt": "猫"}'
+    )
+    await store.add_task(task)
+    assert await store.get_task("t-exact") == task
+    await store.set_key_mark("a", KeyMark(KeyState.COOLING, "429 太多", 1772424000.987654321))
+    assert (await store.key_marks())["a"].until == 1772424000.987654321
+
+
+async def test_adding_a_task_again_replaces_it(store: Store) -> None:
+    await store.add_task(TaskRecord("t", "a", "c", 1.0, status="queued"))
+    await store.add_task(TaskRecord("t", "b", "c", 2.0))
+    assert await store.get_task("t") == TaskRecord("t", "b", "c", 2.0)
+    assert await store.task_counts() == {"unknown": 1}
+
+
+async def test_closed_store_fails_its_ping_and_reopens(store: Store) -> None:
+    await store.close()
+    with pytest.raises(Exception, match="not open"):
+        await store.ping()
+    await store.open()
+    await store.ping()
+
+
+async def test_a_schema_newer_than_the_gateway_is_refused(store: Store, database: str) -> None:
+    await store.close()
+    await raw_execute(database, "UPDATE schema_version SET version = 999")
+    newer = open_store(database)
+    with pytest.raises(RuntimeError, match="schema version 999, newer than this gateway"):
+        await newer.open()
+
+
+async def raw_execute(database: str, sql: str) -> None:
+    """Run one statement on the database behind the store's back."""
+    if is_postgres(database):
+        import asyncpg
+
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    else:
+        with closing(sqlite3.connect(database)) as db, db:
+            db.execute(sql)

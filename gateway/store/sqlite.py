@@ -82,6 +82,7 @@ class SQLiteStore:
         if row is None:
             await self.db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         elif row[0] > SCHEMA_VERSION:
+            await self.close()
             raise RuntimeError(f"{self.path} has schema version {row[0]}, newer than this gateway ({SCHEMA_VERSION})")
 
     async def close(self) -> None:
