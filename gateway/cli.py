@@ -1,4 +1,4 @@
-"""The `agnes-gateway` command: serve, check-config, simulate, demo, generate, keys."""
+"""The `agnes-gateway` command: serve, check-config, simulate, demo, generate, keys, migrate."""
 
 from __future__ import annotations
 
@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
     _keys_parser(sub)
+
+    p = sub.add_parser(
+        "migrate",
+        help="copy a SQLite file's counts, key states and task routes into PostgreSQL",
+        description=(
+            "Copy everything a gateway keeps in its SQLite file (quota counts, key states, task routes with "
+            "their answers) into an empty PostgreSQL database, in one transaction, so several gateways can "
+            "share it without losing running tasks. Stop the gateway that uses the file first."
+        ),
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="SQLITE_FILE", help="the gateway's SQLite file")
+    p.add_argument(
+        "--to", dest="target", required=True, metavar="POSTGRESQL_URL", help="postgresql://user[:pass]@host[:port]/db"
+    )
+    p.set_defaults(run=_migrate)
     return parser
 
 
@@ -247,6 +262,18 @@ def demo_config(port: int, upstream_port: int, database: str) -> Config:
         },
         source="demo",
     )
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .store.migrate import MigrationError, sqlite_to_postgres
+
+    try:
+        migrated = asyncio.run(sqlite_to_postgres(args.source, args.target))
+    except (MigrationError, RuntimeError) as exc:
+        print(f"agnes-gateway migrate: {exc}", file=sys.stderr)
+        return 2
+    print(f"copied {migrated.summary()} from {args.source} to {mask_password(args.target)}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -95,6 +95,11 @@ class PostgresStore:
             ) from None
         try:
             await self._migrate(pool)
+        except asyncpg.PostgresError as exc:
+            await pool.close()
+            raise RuntimeError(
+                f"cannot prepare PostgreSQL database {mask_password(self.url)}: {type(exc).__name__}: {exc}"
+            ) from None
         except BaseException:
             await pool.close()
             raise
