@@ -56,9 +56,9 @@ async def _require_admin(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def _gateway(request: web.Request) -> Gateway:
-    """The gateway, with its quota day brought up to now so counts are today's."""
+    """The gateway, with counts and key states brought up to now (as every replica left them)."""
     gateway = request.config_dict[GATEWAY]
-    await gateway.pool.roll_day(gateway.clock.now())
+    await gateway.pool.refresh(gateway.clock.now())
     return gateway
 
 

@@ -72,7 +72,7 @@ class PoolCollector:
             return
         now, mono = gateway.clock.now(), gateway.clock.monotonic()
         try:
-            await gateway.pool.roll_day(now)
+            await gateway.pool.refresh(now)
             usage = await gateway.store.usage(gateway.pool.day)
             if self._counts is None or mono - self._counted_at >= TASK_COUNTS_MAX_AGE_S:
                 self._counts, self._counted_at = await gateway.store.task_counts(), mono

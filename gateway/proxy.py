@@ -154,7 +154,7 @@ async def readyz(request: web.Request) -> web.Response:
     now = gateway.clock.now()
     try:
         await gateway.store.ping()
-        await gateway.pool.roll_day(now)
+        await gateway.pool.refresh(now)
     except Exception as exc:  # any database failure means "not ready"
         raise GatewayError(503, "database_unavailable", f"database unreachable: {type(exc).__name__}") from None
     ready = gateway.pool.ready(now)

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -23,6 +24,9 @@ from .conftest import BODY, KEY_A, KEY_B, Running, Upstream, both_backends
 from .procs import free_port, start, stop, wait_ready
 
 MakeGateway = Callable[..., Awaitable[Running]]
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 #: a first, b only when a cannot take the create: which key a create lands on is never a matter of turns.
 A_THEN_B = [
@@ -130,6 +134,7 @@ async def test_three_replicas_share_quota_key_states_and_tasks(
             {
                 "upstream": {"base_url": upstream.url, "timeout_s": 5},
                 "database": url,
+                "admin_token": ADMIN_TOKEN,
                 "keys": [
                     {"name": "a", "key": KEY_A, "daily_limit": 10, "priority": 0},
                     {"name": "b", "key": KEY_B, "daily_limit": 13, "priority": 1},
@@ -156,17 +161,28 @@ async def test_three_replicas_share_quota_key_states_and_tasks(
                 async with session.get(f"{bases[replica]}/v1/videos/{task_id}") as resp:
                     return resp.status
 
-            # Upstream refuses key a once (401) through replica 0: the other two skip it from then on.
-            upstream.state.add_fault(Fault(kind="status", status=401, key=KEY_A, times=1))
+            async def admin(replica: int, method: str, path: str) -> dict[str, Any]:
+                async with session.request(method, f"{bases[replica]}/admin{path}", headers=ADMIN) as resp:
+                    assert resp.status == 200, await resp.text()
+                    doc: dict[str, Any] = await resp.json()
+                    return doc
+
+            # Key a disabled through replica 0's admin API: every replica skips it from then on.
+            await admin(0, "POST", "/keys/a/disable")
             made: list[tuple[int, str]] = []
-            for replica in (0, 1, 2):
+            for replica in (1, 2, 0):
                 status, task_id = await create(replica)
                 assert status == 200 and task_id
                 made.append((replica, task_id))
-            assert (upstream.state.creates[KEY_A], upstream.state.creates[KEY_B], upstream.state.requests) == (0, 3, 4)
+            assert (upstream.state.creates[KEY_A], upstream.state.creates[KEY_B], upstream.state.requests) == (0, 3, 3)
+            table = await admin(1, "GET", "/keys")
+            assert {k["name"]: (k["state"], k["used"]) for k in table["keys"]} == {
+                "a": ("disabled", 0),
+                "b": ("active", 3),
+            }
 
-            # Enabled again in the shared store (as an operator would): 10 units of a + 10 of b are left.
-            await store.set_key_mark("a", None)
+            # Enabled again through replica 2: 10 units of a and 10 of b are left, for 60 creates at once.
+            await admin(2, "POST", "/keys/a/enable")
             answers = await asyncio.gather(*(create(i % 3) for i in range(60)))
             assert sorted(status for status, _ in answers) == [200] * 20 + [429] * 40
             assert (upstream.state.creates[KEY_A], upstream.state.creates[KEY_B]) == (10, 13)
@@ -192,7 +208,8 @@ async def test_three_replicas_share_quota_key_states_and_tasks(
     text = b"".join(outputs).decode(errors="replace")
     assert mask_password(url) in text  # the startup line names the database...
     assert secret not in text  # ...never with its password
-    assert KEY_A not in text and KEY_B not in text
+    for secret_value in (KEY_A, KEY_B, ADMIN_TOKEN):
+        assert secret_value not in text
 
 
 def with_password(url: str, password: str) -> str:

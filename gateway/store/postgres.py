@@ -18,6 +18,8 @@ SCHEMA_LOCK = 0x61676E6573  # "agnes"
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 10
 CONNECT_TIMEOUT_S = 10.0
+#: A statement not done by then fails (and its request with it) instead of hanging on a stuck server.
+COMMAND_TIMEOUT_S = 15.0
 
 TASK_COLUMNS = (
     "task_id, key_name, client, created_at, status, progress, updated_at, terminal_body, idempotency_key, request_meta"
@@ -63,6 +65,14 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_UPSERT_TASK = (
+    f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+    "ON CONFLICT (task_id) DO UPDATE SET key_name = EXCLUDED.key_name, client = EXCLUDED.client, "
+    "created_at = EXCLUDED.created_at, status = EXCLUDED.status, progress = EXCLUDED.progress, "
+    "updated_at = EXCLUDED.updated_at, terminal_body = EXCLUDED.terminal_body, "
+    "idempotency_key = EXCLUDED.idempotency_key, request_meta = EXCLUDED.request_meta"
+)
+
 
 class PostgresStore:
     """`Store` on a PostgreSQL database; every statement is atomic, so replicas can share it."""
@@ -85,7 +95,11 @@ class PostgresStore:
 
         try:
             pool = await asyncpg.create_pool(
-                self.url, min_size=POOL_MIN_SIZE, max_size=POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT_S
+                self.url,
+                min_size=POOL_MIN_SIZE,
+                max_size=POOL_MAX_SIZE,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
             )
         except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # Never let the URL's password reach a log through the driver's message.
@@ -202,31 +216,29 @@ class PostgresStore:
 
     async def add_task(self, task: TaskRecord) -> None:
         # Same outcome as SQLite's INSERT OR REPLACE: the new row wins over one with its id or idempotency key.
+        args = (
+            task.task_id,
+            task.key_name,
+            task.client,
+            task.created_at,
+            task.status,
+            task.progress,
+            task.updated_at,
+            task.terminal_body,
+            task.idempotency_key,
+            task.request_meta,
+        )
+        if task.idempotency_key is None:
+            await self.pool.execute(_UPSERT_TASK, *args)  # one statement, one commit: the usual case
+            return
         async with self.pool.acquire() as conn, conn.transaction():
-            if task.idempotency_key is not None:
-                await conn.execute(
-                    "DELETE FROM tasks WHERE client = $1 AND idempotency_key = $2 AND task_id <> $3",
-                    task.client,
-                    task.idempotency_key,
-                    task.task_id,
-                )
             await conn.execute(
-                f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-                "ON CONFLICT (task_id) DO UPDATE SET key_name = EXCLUDED.key_name, client = EXCLUDED.client, "
-                "created_at = EXCLUDED.created_at, status = EXCLUDED.status, progress = EXCLUDED.progress, "
-                "updated_at = EXCLUDED.updated_at, terminal_body = EXCLUDED.terminal_body, "
-                "idempotency_key = EXCLUDED.idempotency_key, request_meta = EXCLUDED.request_meta",
-                task.task_id,
-                task.key_name,
+                "DELETE FROM tasks WHERE client = $1 AND idempotency_key = $2 AND task_id <> $3",
                 task.client,
-                task.created_at,
-                task.status,
-                task.progress,
-                task.updated_at,
-                task.terminal_body,
                 task.idempotency_key,
-                task.request_meta,
+                task.task_id,
             )
+            await conn.execute(_UPSERT_TASK, *args)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._one_task("task_id = $1", task_id)
