@@ -5,8 +5,8 @@
 
 For each `--database` it measures, on this machine:
 - the store's own work, in-process: what a create asks of it (count it for its client, read the
-  pool's counts and key marks, reserve a unit, record the task) and what a poll asks of it (look a task up, as a replica that has
-  not cached it does; note a new status);
+  pool's counts and key marks, reserve a unit, record the task) and what a poll asks of it (look a
+  task up, as a replica that has not cached it does; note a new status);
 - a real gateway (`agnes-gateway serve`, its own process) in front of the simulator (another
   process): creates and polls of running tasks, one at a time and 16 at a time, next to the same
   requests sent to the simulator directly, so the gateway's cost is the difference.

@@ -67,12 +67,12 @@ start_postgres() {
             start >/dev/null
     )
     export AGNES_TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres"
-    echo "throw-away PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $NF}') on 127.0.0.1:$port"
+    echo "throw-away PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
 }
 
 python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-python -m ruff check gateway tests benchmarks 2>/dev/null || python -m ruff check gateway tests
+python -m ruff check gateway tests $(test -d benchmarks && echo benchmarks)
 python -m mypy
 
 [ -n "${AGNES_TEST_POSTGRES_URL:-}" ] || start_postgres

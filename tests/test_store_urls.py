@@ -15,7 +15,7 @@ from gateway.store import SQLiteStore, is_postgres, mask_password, open_store
 from gateway.store.postgres import PostgresStore
 from gateway.store.urls import passwords
 
-from .conftest import KEY_A
+from .conftest import KEY_A, POSTGRES_URL_ENV, postgres_url
 
 ROOT = Path(__file__).parent.parent
 
@@ -72,3 +72,13 @@ async def test_an_unreachable_server_is_named_without_its_password() -> None:
         await store.open()
     assert "postgresql://gw:***@127.0.0.1:1/agnes" in str(caught.value)
     assert "s3cret-pw" not in str(caught.value)
+
+
+def test_without_a_test_server_postgresql_tests_fail_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(POSTGRES_URL_ENV, raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        postgres_url()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=POSTGRES_URL_ENV):
+        postgres_url()
