@@ -22,11 +22,11 @@ from .errors import GatewayError, error_response
 from .metrics import UNMATCHED_ROUTE, GatewayMetrics, create_metrics_app, metrics_handler
 from .openai_api import PREFIX as OPENAI_PREFIX
 from .openai_api import create_openai_app
-from .pool import KeyPool
+from .pool import LOCAL_REFRESH_S, SHARED_REFRESH_S, KeyPool
 from .proxy import CLIENT, KEY_NAME, answer_response, routes
 from .reload import ConfigLoader, Reloader, reload_on_hangup
 from .service import Gateway, PassThrough
-from .store import Store, mask_password, open_store
+from .store import Store, is_postgres, mask_password, open_store
 from .upstream import UpstreamClient
 
 log = logging.getLogger("agnes_gateway")
@@ -74,7 +74,8 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         session = UpstreamClient.new_session(config.upstream)
-        pool = KeyPool(config.keys, store, config.schedule)
+        shared = is_postgres(config.database)
+        pool = KeyPool(config.keys, store, config.schedule, refresh_s=SHARED_REFRESH_S if shared else LOCAL_REFRESH_S)
         await pool.load(clock.now())
         app[GATEWAY] = Gateway(config, store, pool, UpstreamClient(config.upstream, session), clock, events=metrics)
         metrics.bind(app[GATEWAY])

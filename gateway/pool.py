@@ -19,6 +19,12 @@ from .store import KeyMark, KeyState, Store
 
 log = logging.getLogger("agnes_gateway.pool")
 
+#: How stale the pool's view of counts and key marks may be when it chooses a key. A database that
+#: several replicas share is read before every choice; one file, written by this process alone (or by
+#: a few on one host, or `agnes-gateway keys`), is caught up with once a second.
+SHARED_REFRESH_S = 0.0
+LOCAL_REFRESH_S = 1.0
+
 
 def fingerprint(key: KeyConfig) -> str:
     """A short one-way digest of the secret: tells whether a disabled key was replaced in the config."""
@@ -56,9 +62,12 @@ class KeyStatus:
 class KeyPool:
     """Chooses keys for creates and keeps their states, mirrored to the store."""
 
-    def __init__(self, keys: Iterable[KeyConfig], store: Store, schedule: QuotaSchedule) -> None:
+    def __init__(
+        self, keys: Iterable[KeyConfig], store: Store, schedule: QuotaSchedule, *, refresh_s: float = SHARED_REFRESH_S
+    ) -> None:
         self.store = store
         self.schedule = schedule
+        self.refresh_s = refresh_s
         self._keys: dict[str, KeyStatus] = {}
         self._retired: dict[str, KeyConfig] = {}
         self._day = ""
@@ -66,6 +75,7 @@ class KeyPool:
         self._reading = asyncio.Lock()
         self._reads_started = 0
         self._reads_done = 0
+        self._read_at = 0.0
         self._marks_written = 0
         self._marks_writing = 0
         #: Marks whose time ran out and were said to be over: a re-read of the store does not bring them back.
@@ -112,10 +122,12 @@ class KeyPool:
         """Catch up with the store: today's counts and every key's mark, as every replica left them.
 
         Called before each choice of key, so a key that another gateway sharing the database marked
-        spent, cooling or disabled is skipped at once. Callers that arrive together share one read:
-        each waits for a read that started after it asked, so none sees state older than its arrival.
+        spent, cooling or disabled is skipped at once (or within `refresh_s`). Callers that arrive
+        together share one read: each waits for a read that started after it asked.
         """
-        day = self.schedule.day_key(now)
+        day, ts = self.schedule.day_key(now), now.timestamp()
+        if not force and day == self._day and 0.0 <= ts - self._read_at < self.refresh_s:
+            return
         asked = self._reads_started
         async with self._reading:
             if self._reads_done > asked and self._day == day and not force:
@@ -123,7 +135,7 @@ class KeyPool:
             self._reads_started += 1
             started = self._reads_started
             await self._read(day)
-            self._reads_done = started
+            self._reads_done, self._read_at = started, ts
 
     async def _read(self, day: str) -> None:
         if day != self._day and self._day:

@@ -16,7 +16,7 @@ import yaml
 
 from gateway.clock import ManualClock
 from gateway.config import load_config, parse_config
-from gateway.pool import KeyPool
+from gateway.pool import LOCAL_REFRESH_S, KeyPool
 from gateway.simulator import Fault
 from gateway.store import KeyState, SQLiteStore, mask_password, open_store
 
@@ -24,6 +24,7 @@ from .conftest import BODY, KEY_A, KEY_B, Running, Upstream, both_backends
 from .procs import free_port, start, stop, wait_ready
 
 MakeGateway = Callable[..., Awaitable[Running]]
+on_postgresql = pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -46,7 +47,7 @@ async def pair(make_gateway: MakeGateway, **overrides: object) -> tuple[Running,
     return await make_gateway(**overrides), await make_gateway(**overrides)
 
 
-@both_backends
+@on_postgresql
 async def test_a_key_disabled_through_one_gateway_is_skipped_by_the_other(
     make_gateway: MakeGateway, upstream: Upstream
 ) -> None:
@@ -67,7 +68,7 @@ async def test_a_key_disabled_through_one_gateway_is_skipped_by_the_other(
     assert upstream.state.creates[KEY_A] == 1
 
 
-@both_backends
+@on_postgresql
 async def test_spent_and_cooling_keys_are_skipped_by_every_gateway(
     make_gateway: MakeGateway, upstream: Upstream, clock: ManualClock
 ) -> None:
@@ -96,7 +97,7 @@ async def test_counts_are_shared_and_never_overshot_together(make_gateway: MakeG
     for _ in range(3):
         assert (await one.create()).status == 200
     # The second gateway knows of the first one's creates before it chooses.
-    await two.gateway.pool.refresh(two.gateway.clock.now())
+    await two.gateway.pool.refresh(two.gateway.clock.now(), force=True)
     assert two.gateway.pool.statuses()[0].used == 3
     answers = await asyncio.gather(*(gw.create() for gw in (one, two) * 10))
     assert sorted(r.status for r in answers) == [200] * 9 + [429] * 11
@@ -115,6 +116,20 @@ async def test_a_task_made_through_one_gateway_polls_through_the_other(
         assert (await resp.json())["status"] in {"queued", "in_progress"}
     # Straight to each task's key: no other key was asked.
     assert sum(upstream.state.polls.values()) == len(ids)
+
+
+async def test_gateways_on_one_sqlite_file_catch_up_with_each_other_within_a_second(
+    make_gateway: MakeGateway, upstream: Upstream, clock: ManualClock
+) -> None:
+    one, two = await pair(make_gateway, keys=A_THEN_B)
+    assert (await two.create()).status == 200  # two has just read the file
+    upstream.state.add_fault(Fault(kind="status", status=401, key=KEY_A, times=1))
+    assert (await one.create()).status == 200  # a disabled through one
+    clock.advance(LOCAL_REFRESH_S)
+    requests = upstream.state.requests
+    assert (await two.create()).status == 200
+    assert upstream.state.requests == requests + 1  # straight to b: two has caught up
+    assert (upstream.state.creates[KEY_A], upstream.state.creates[KEY_B]) == (1, 2)
 
 
 # --- real replicas: three processes on one PostgreSQL ------------------------------------------
