@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,7 @@ class SQLiteStore:
         # isolation_level=None: autocommit, so a row is durable when its statement returns.
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         await self.db.execute("PRAGMA busy_timeout = 5000")
-        await self.db.execute("PRAGMA journal_mode = WAL")
+        await self._use_wal()
         # NORMAL in WAL mode survives a killed process; only an OS crash can lose the last commits.
         await self.db.execute("PRAGMA synchronous = NORMAL")
         await self.db.executescript(_SCHEMA)
@@ -84,6 +86,18 @@ class SQLiteStore:
         elif row[0] > SCHEMA_VERSION:
             await self.close()
             raise RuntimeError(f"{self.path} has schema version {row[0]}, newer than this gateway ({SCHEMA_VERSION})")
+
+    async def _use_wal(self) -> None:
+        """Switch to WAL; on a new file opened by several processes at once, the switch skips the busy
+        timeout and may find the file locked for a moment: try again, for at most about five seconds."""
+        for attempt in range(50):
+            try:
+                await self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def close(self) -> None:
         if self._db is not None:
