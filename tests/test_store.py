@@ -154,6 +154,17 @@ async def test_adding_a_task_again_replaces_it(store: Store) -> None:
     assert await store.task_counts() == {"unknown": 1}
 
 
+async def test_a_taken_idempotency_key_stays_with_the_first_task_and_both_routes_stay(store: Store) -> None:
+    first = TaskRecord("t1", "a", "team-a", 1.0, idempotency_key="idem")
+    await store.add_task(first)
+    # A second create with the same key, made at the same moment through another gateway.
+    await store.add_task(TaskRecord("t2", "b", "team-a", 2.0, idempotency_key="idem"))
+    assert await store.find_idempotent("team-a", "idem") == first
+    assert await store.get_task("t2") == TaskRecord("t2", "b", "team-a", 2.0)
+    await store.add_task(TaskRecord("t3", "b", "team-b", 3.0, idempotency_key="idem"))  # another client's key
+    assert (await store.find_idempotent("team-b", "idem") or first).task_id == "t3"
+
+
 async def test_closed_store_fails_its_ping_and_reopens(store: Store) -> None:
     await store.close()
     with pytest.raises(Exception, match="not open"):

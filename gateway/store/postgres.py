@@ -215,7 +215,8 @@ class PostgresStore:
     # --- tasks ------------------------------------------------------------------------
 
     async def add_task(self, task: TaskRecord) -> None:
-        # Same outcome as SQLite's INSERT OR REPLACE: the new row wins over one with its id or idempotency key.
+        from asyncpg import UniqueViolationError
+
         args = (
             task.task_id,
             task.key_name,
@@ -228,17 +229,12 @@ class PostgresStore:
             task.idempotency_key,
             task.request_meta,
         )
-        if task.idempotency_key is None:
-            await self.pool.execute(_UPSERT_TASK, *args)  # one statement, one commit: the usual case
-            return
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "DELETE FROM tasks WHERE client = $1 AND idempotency_key = $2 AND task_id <> $3",
-                task.client,
-                task.idempotency_key,
-                task.task_id,
-            )
-            await conn.execute(_UPSERT_TASK, *args)
+        try:
+            await self.pool.execute(_UPSERT_TASK, *args)
+        except UniqueViolationError:
+            # Another task (made through another replica at the same moment) already holds this client's
+            # Idempotency-Key: keep both routes, the key stays with the first.
+            await self.pool.execute(_UPSERT_TASK, *args[:8], None, args[9])
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._one_task("task_id = $1", task_id)

@@ -56,6 +56,15 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (client, idempotenc
 """
 
 
+_UPSERT_TASK = (
+    f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (task_id) DO UPDATE SET key_name = excluded.key_name, client = excluded.client, "
+    "created_at = excluded.created_at, status = excluded.status, progress = excluded.progress, "
+    "updated_at = excluded.updated_at, terminal_body = excluded.terminal_body, "
+    "idempotency_key = excluded.idempotency_key, request_meta = excluded.request_meta"
+)
+
+
 class SQLiteStore:
     """`Store` on one SQLite file; each statement commits on its own (autocommit)."""
 
@@ -181,21 +190,23 @@ class SQLiteStore:
         )
 
     async def add_task(self, task: TaskRecord) -> None:
-        await self.db.execute(
-            f"INSERT OR REPLACE INTO tasks ({TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                task.task_id,
-                task.key_name,
-                task.client,
-                task.created_at,
-                task.status,
-                task.progress,
-                task.updated_at,
-                task.terminal_body,
-                task.idempotency_key,
-                task.request_meta,
-            ),
+        row = (
+            task.task_id,
+            task.key_name,
+            task.client,
+            task.created_at,
+            task.status,
+            task.progress,
+            task.updated_at,
+            task.terminal_body,
+            task.idempotency_key,
+            task.request_meta,
         )
+        try:
+            await self.db.execute(_UPSERT_TASK, row)
+        except sqlite3.IntegrityError:
+            # Another task already holds this client's Idempotency-Key: keep both routes, the key stays with it.
+            await self.db.execute(_UPSERT_TASK, (*row[:8], None, row[9]))
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._one_task("task_id = ?", (task_id,))
