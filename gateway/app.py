@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 from aiohttp import web
 
 from . import logs
 from .admin import create_admin_app
-from .appkeys import GATEWAY, METRICS, RELOADER
+from .appkeys import GATEWAY, METRICS, RELOADER, RETENTION
 from .auth import identify
 from .clock import Clock, SystemClock
 from .config import Config
@@ -25,6 +27,7 @@ from .openai_api import create_openai_app
 from .pool import LOCAL_REFRESH_S, SHARED_REFRESH_S, KeyPool
 from .proxy import CLIENT, KEY_NAME, answer_response, routes
 from .reload import ConfigLoader, Reloader, reload_on_hangup
+from .retention import Retention
 from .service import Gateway, PassThrough
 from .store import Store, is_postgres, mask_password, open_store
 from .upstream import UpstreamClient
@@ -79,9 +82,15 @@ def create_app(
         await pool.load(clock.now())
         app[GATEWAY] = Gateway(config, store, pool, UpstreamClient(config.upstream, session), clock, events=metrics)
         metrics.bind(app[GATEWAY])
+        gateway = app[GATEWAY]
+        app[RETENTION] = retention = Retention(lambda: gateway.config.retention, store, gateway.tasks, clock)
+        pruning = asyncio.create_task(retention.run())
         try:
             yield
         finally:
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruning
             await session.close()
             await store.close()
 
@@ -124,24 +133,28 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
         if access_log.isEnabledFor(level):
             client, key = request.get(CLIENT), request.get(KEY_NAME)
-            access_log.log(
-                level,
-                "%s %s %d client=%s key=%s %.1fms",
-                request.method,
-                route,
-                status,
-                client or "-",
-                key or "-",
-                seconds * 1000,
-                extra={
-                    "request_id": rid,
-                    "method": request.method,
-                    "route": route,
-                    "status": status,
-                    "client": client,
-                    "key": key,
-                    "duration_ms": round(seconds * 1000, 1),
-                },
+            # Written just after the answer leaves (next turn of the loop): the client does not wait for it.
+            asyncio.get_running_loop().call_soon(
+                partial(
+                    access_log.log,
+                    level,
+                    "%s %s %d client=%s key=%s %.1fms",
+                    request.method,
+                    route,
+                    status,
+                    client or "-",
+                    key or "-",
+                    seconds * 1000,
+                    extra={
+                        "request_id": rid,
+                        "method": request.method,
+                        "route": route,
+                        "status": status,
+                        "client": client,
+                        "key": key,
+                        "duration_ms": round(seconds * 1000, 1),
+                    },
+                )
             )
         logs.request_id.reset(token)
 

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--host", help="listen address (overrides listen.host)")
     p.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop if it is installed (a faster event loop)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("check-config", help="validate a config file without starting")
@@ -183,6 +184,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = read()
     setup_logging(config)
+    if args.uvloop:
+        _install_uvloop()
     asyncio.run(serve(config, reload_config=read))
     return 0
 
@@ -233,12 +236,7 @@ def _simulate(args: argparse.Namespace) -> int:
         dead_every=max(args.dead_every, 0),
     )
     if args.uvloop:
-        try:
-            import uvloop
-
-            uvloop.install()
-        except ImportError:
-            print("uvloop is not installed; using asyncio's loop", file=sys.stderr)
+        _install_uvloop()
     web.run_app(create_simulator_app(sim), host=args.host, port=args.port, access_log=None, print=None)
     return 0
 
@@ -248,6 +246,16 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ValueError("a fault must be a JSON object")
     return doc
+
+
+def _install_uvloop() -> None:
+    """Make uvloop the event loop policy, or say why not and carry on with asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        print("uvloop is not installed (pip install uvloop); using asyncio's loop", file=sys.stderr)
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def demo_config(port: int, upstream_port: int, database: str) -> Config:

@@ -45,6 +45,8 @@ TOP_LEVEL = {
     "shutdown",
     "openai",
     "archive",
+    "poll",
+    "retention",
 }
 
 
@@ -169,6 +171,27 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class PollConfig:
+    """How polls are spared upstream calls."""
+
+    #: Repeated polls of one task within this many seconds get the last answer; 0 = every poll asks upstream.
+    freshness_s: float = 1.0
+    #: Serve completed/failed tasks from the database instead of asking upstream again.
+    terminal_cache: bool = True
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long task routes are kept, and how the background pruning paces itself."""
+
+    #: Routes of tasks created longer ago than this are deleted; 0 keeps them forever.
+    days: float = 30.0
+    interval_s: float = 3600.0
+    #: Rows deleted per statement, so requests never wait long behind a prune.
+    batch: int = 1000
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"
@@ -231,6 +254,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    poll: PollConfig = field(default_factory=PollConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: str = "<defaults>"
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
@@ -381,6 +406,18 @@ def parse_config(
 
     shutdown_raw = _mapping(top.get("shutdown", {}), "shutdown", {"drain_s"})
     shutdown = ShutdownConfig(drain_s=_positive(shutdown_raw, "drain_s", "shutdown", 30.0))
+    poll_raw = _mapping(top.get("poll", {}), "poll", {"freshness_s", "terminal_cache"})
+    poll = PollConfig(
+        freshness_s=_non_negative(poll_raw, "freshness_s", "poll", 1.0),
+        terminal_cache=_get(poll_raw, "terminal_cache", bool, "poll", True),
+    )
+
+    retention_raw = _mapping(top.get("retention", {}), "retention", {"days", "interval_s", "batch"})
+    retention = RetentionConfig(
+        days=_non_negative(retention_raw, "days", "retention", 30.0),
+        interval_s=_positive(retention_raw, "interval_s", "retention", 3600.0),
+        batch=int(_positive(retention_raw, "batch", "retention", 1000)),
+    )
 
     return Config(
         keys=keys,
@@ -395,6 +432,8 @@ def parse_config(
         log=LogConfig(level=level, format=fmt),
         metrics=_metrics(top.get("metrics", {}), listen, keys, clients, admin_token),
         shutdown=shutdown,
+        poll=poll,
+        retention=retention,
         source=source,
         openai=_openai(top.get("openai", {})),
         archive=_archive(top.get("archive", {}), base),
@@ -655,6 +694,13 @@ def _whole(section: Mapping[str, Any], name: str, path: str, default: int, minim
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{path}.{name}", f"must be a whole number >= {minimum}, got {value!r}")
     return value
+
+
+def _non_negative(section: Mapping[str, Any], name: str, path: str, default: float) -> float:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{path}.{name}", f"must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def _port(value: Any, path: str) -> int:

@@ -212,6 +212,9 @@ class GatewayMetrics(Events):
             namespace=NAMESPACE,
             registry=r,
         )
+        # Labelled children looked up once per label set, not on every request (labels are few and fixed).
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._upstream_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         for reason in ("quota", "rate_limit", "auth", "error"):
             self.failovers.labels(reason)  # present at 0 from the start, so rate() sees the first one
         self.pool = PoolCollector()
@@ -228,12 +231,23 @@ class GatewayMetrics(Events):
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """A client request was answered."""
-        self.requests.labels(route, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = (self.requests.labels(route, str(status)), self.request_seconds.labels(route))
+            self._request_children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def upstream_call(self, key: str, operation: str, outcome: str, seconds: float) -> None:
-        self.upstream_requests.labels(key, operation, outcome).inc()
-        self.upstream_seconds.labels(operation).observe(seconds)
+        children = self._upstream_children.get((key, operation, outcome))
+        if children is None:
+            children = (
+                self.upstream_requests.labels(key, operation, outcome),
+                self.upstream_seconds.labels(operation),
+            )
+            self._upstream_children[(key, operation, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def failover(self, reason: str) -> None:
         self.failovers.labels(reason).inc()

@@ -121,6 +121,7 @@ class Reloader:
         # Everything up to pool.load() happens without yielding: no request sees half a config.
         redact_more(config)
         gateway.config = config
+        gateway.polls.freshness_s = config.poll.freshness_s
         if config.upstream != old.upstream:
             gateway.upstream = UpstreamClient(config.upstream, gateway.upstream.session)
         gateway.breakers.threshold = config.resilience.breaker_failures

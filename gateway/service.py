@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from .bodies import SpooledBody
@@ -24,6 +25,7 @@ from .config import Config, KeyConfig
 from .errors import GatewayError
 from .events import Events
 from .overload import Admission, Overloaded
+from .polls import PollCoalescer
 from .pool import KeyPool
 from .store import Store, TaskRecord
 from .tasks import TaskDirectory
@@ -53,6 +55,7 @@ IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 UNKNOWN_TASK_MEMORY = 10_000
 #: Upstream answers to a poll worth another try on the same key: the upstream's front end, not the task.
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
+TERMINAL_STATUSES = frozenset({"completed", "failed"})
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class Gateway:
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._jitter = random.Random()
         self._idempotent: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self.polls: PollCoalescer[Polled] = PollCoalescer(
+            clock, config.poll.freshness_s, keep=lambda polled: polled.answer.outcome is Outcome.OK
+        )
 
     async def create(
         self,
@@ -274,7 +280,15 @@ class Gateway:
             raise GatewayError(400, "invalid_task_id", "task ids are 1-128 letters, digits, '-' or '_'")
         task = await self.tasks.get(task_id)
         if task is None:
-            return await self._discover(task_id)
+            return await self.polls.share(task_id, partial(self._discover, task_id))
+        if task.terminal_body is not None and self.config.poll.terminal_cache:
+            # Completed or failed: the answer can no longer change, so upstream is not asked again.
+            return Polled(Answer(200, task.terminal_body, "application/json", Outcome.OK), task)
+        return await self.polls.share(task_id, partial(self._poll_known, task))
+
+    async def _poll_known(self, task: TaskRecord) -> Polled:
+        """Ask upstream with the key that made the task, and note what it said."""
+        task_id = task.task_id
         key = self.pool.key(task.key_name)
         if key is None:
             raise GatewayError(
@@ -345,7 +359,8 @@ class Gateway:
                 self.breakers.abandon(key.name)
             seconds = time.perf_counter() - started
             self.events.upstream_call(key.name, operation, outcome, seconds)
-            upstream_log.info(
+            line = partial(
+                upstream_log.info,
                 "%s key=%s %s %s %.1fms",
                 operation,
                 key.name,
@@ -360,6 +375,11 @@ class Gateway:
                     "duration_ms": round(seconds * 1000, 1),
                 },
             )
+            if outcome == "ok":
+                # The common case is written on the loop's next turn, mostly after the answer has left.
+                asyncio.get_running_loop().call_soon(line)
+            else:
+                line()
 
     def _failed(self, key: KeyConfig) -> None:
         if self.breakers.failure(key.name):
@@ -424,6 +444,8 @@ class Gateway:
         if not isinstance(status, str):
             return task
         progress = doc.get("progress") if doc else None
+        if status in TERMINAL_STATUSES and self.config.poll.terminal_cache:
+            return await self.tasks.finished(task, status, answer.body, self.clock.now().timestamp())
         return await self.tasks.seen(
             task, status, progress if isinstance(progress, int) else None, self.clock.now().timestamp()
         )

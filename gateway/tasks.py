@@ -7,11 +7,14 @@ from dataclasses import replace
 
 from .store import Store, TaskRecord
 
+#: Routes kept in memory: about 600 bytes each with a stored final answer, so ~30 MB when full.
+DEFAULT_CACHE_SIZE = 50_000
+
 
 class TaskDirectory:
     """Finds and records task routes; the store is the truth, the cache saves it the trips."""
 
-    def __init__(self, store: Store, cache_size: int = 100_000) -> None:
+    def __init__(self, store: Store, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.store = store
         self.cache_size = cache_size
         self._cache: OrderedDict[str, TaskRecord] = OrderedDict()
@@ -45,6 +48,20 @@ class TaskDirectory:
         """Forget a task's route, in the store and in the cache; True if there was one."""
         self._cache.pop(task_id, None)
         return await self.store.delete_task(task_id)
+
+    async def finished(self, task: TaskRecord, status: str, body: bytes, now: float) -> TaskRecord:
+        """Keep a completed or failed task's final answer, durably, to serve it from here on."""
+        updated = replace(task, status=status, progress=None, updated_at=now, terminal_body=body)
+        await self.store.set_terminal(task.task_id, status, body, now)
+        self._remember(updated)
+        return updated
+
+    def forget_older_than(self, created_before: float) -> int:
+        """Drop cached routes the store has pruned; returns how many."""
+        old = [task_id for task_id, task in self._cache.items() if task.created_at < created_before]
+        for task_id in old:
+            del self._cache[task_id]
+        return len(old)
 
     def _remember(self, task: TaskRecord) -> None:
         self._cache[task.task_id] = task

@@ -123,3 +123,29 @@ def test_simulate_refuses_a_bad_fault() -> None:
     result = run("simulate", "--fault", '{"kind": "meteor"}')
     assert result.returncode == 2
     assert "--fault" in result.stderr and "meteor" in result.stderr
+
+
+async def test_serve_on_uvloop_proxies_to_upstream(tmp_path: Path) -> None:
+    upstream_port, port = free_port(), free_port()
+    simulator = await start(["simulate", "--port", str(upstream_port), "--key", "sk-sim-uvloop-0001"])
+    config = tmp_path / "g.yaml"
+    config.write_text(
+        f"listen: {{port: {port}}}\nupstream: {{base_url: 'http://127.0.0.1:{upstream_port}'}}\n"
+        f"database: {tmp_path / 'g.db'}\nkeys: [{{name: main, key: sk-sim-uvloop-0001}}]\n"
+    )
+    gateway = await start(["serve", "--uvloop", "--config", str(config)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(f"http://127.0.0.1:{upstream_port}/_sim/stats", simulator)
+        await wait_ready(f"{base}/healthz", gateway)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                assert resp.status == 200
+                task_id = (await resp.json())["task_id"]
+            async with session.get(f"{base}/v1/videos/{task_id}") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["status"] in {"queued", "in_progress"}
+    finally:
+        out = await stop(gateway)
+        await stop(simulator)
+    assert gateway.returncode == 0, out

@@ -95,6 +95,12 @@ def test_zero_config_uses_the_guides_key_files(tmp_path: Path, monkeypatch: pyte
         ({"keys": KEYS, "clients": [{"name": "c", "token": "t" * 20, "daily_limit": "9"}]}, "clients[0].daily_limit"),
         ({"keys": KEYS, "shutdown": {"drain_s": 0}}, "shutdown.drain_s"),
         ({"keys": KEYS, "shutdown": {"grace": 1}}, "shutdown.grace"),
+        ({"keys": KEYS, "poll": {"freshness_s": -1}}, "poll.freshness_s"),
+        ({"keys": KEYS, "poll": {"terminal_cache": "yes"}}, "poll.terminal_cache"),
+        ({"keys": KEYS, "poll": {"fresh": 1}}, "poll.fresh"),
+        ({"keys": KEYS, "retention": {"days": -3}}, "retention.days"),
+        ({"keys": KEYS, "retention": {"interval_s": 0}}, "retention.interval_s"),
+        ({"keys": KEYS, "retention": {"batch": 0}}, "retention.batch"),
     ],
 )
 def test_errors_name_the_field(doc: dict[str, Any], field: str) -> None:
@@ -218,3 +224,18 @@ def test_limits_and_resilience_errors_name_the_field(section: str, value: dict[s
     with pytest.raises(ConfigError) as info:
         parse({"keys": KEYS, section: value})
     assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+def test_poll_and_retention_defaults_and_overrides() -> None:
+    config = parse({"keys": KEYS})
+    assert (config.poll.freshness_s, config.poll.terminal_cache) == (1.0, True)
+    assert (config.retention.days, config.retention.interval_s, config.retention.batch) == (30.0, 3600.0, 1000)
+    config = parse(
+        {
+            "keys": KEYS,
+            "poll": {"freshness_s": 0, "terminal_cache": False},
+            "retention": {"days": 0, "interval_s": 60, "batch": 50},
+        }
+    )
+    assert (config.poll.freshness_s, config.poll.terminal_cache) == (0.0, False)
+    assert (config.retention.days, config.retention.interval_s, config.retention.batch) == (0.0, 60.0, 50)

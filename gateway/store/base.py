@@ -26,7 +26,7 @@ class KeyMark:
     fingerprint: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskRecord:
     """A task the gateway made: which key owns it, for whom, and what was last seen of it."""
 
