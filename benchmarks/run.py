@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""The gateway's cost, measured side by side with the simulator alone and with nginx in front of it.
+"""The gateway's cost, measured side by side with the simulator alone, a bare aiohttp proxy and nginx.
 
-    python benchmarks/run.py                 # everything, about 5 minutes on 2 cores
-    python benchmarks/run.py --quick         # shorter runs, 100,000 routes instead of 1,000,000
+    python benchmarks/run.py                 # everything, about 10 minutes on 2 cores
+    python benchmarks/run.py --quick         # 3 s runs, 100,000 routes instead of 1,000,000
     python benchmarks/run.py --json out.json --rounds 3
 
-Each workload runs against the simulator directly (the baseline), the gateway in front of it, and
-nginx `proxy_pass` with keep-alive in front of it, one after the other in the same run, so the
-ratios compare like with like on whatever else the machine is doing. wrk generates the load.
+Each workload runs against the simulator directly (the baseline), the gateway in front of it, a
+minimal aiohttp pass-through proxy and nginx `proxy_pass` with keep-alive in front of it, one after
+the other in the same run, so the ratios compare like with like on whatever else the machine is
+doing. wrk generates the load.
 See benchmarks/README.md for what each row means.
 """
 

@@ -76,8 +76,8 @@ class PollCoalescer(Generic[T]):
         fresh[task_id] = (until, value)
         # Entries go stale about in the order they were added: drop the stale ones from the front.
         while fresh:
-            _, (until, _) = next(iter(fresh.items()))
-            if until > now and len(fresh) <= self.max_entries:
+            _, (stale_at, _) = next(iter(fresh.items()))
+            if stale_at > now and len(fresh) <= self.max_entries:
                 break
             fresh.popitem(last=False)
 
