@@ -332,5 +332,12 @@ class SQLiteStore:
         return len(rows)
 
     async def task_counts(self) -> dict[str, int]:
-        async with self.db.execute("SELECT COALESCE(status, 'unknown'), COUNT(*) FROM tasks GROUP BY 1") as cur:
-            return {str(status): int(n) async for status, n in cur}
+        sql = "SELECT COALESCE(status, 'unknown'), COUNT(*) FROM tasks GROUP BY 1"
+        if self.path == ":memory:":
+            rows = await self.db.execute_fetchall(sql)
+        else:
+            # A full scan (about a second at 1,000,000 tasks): on a connection of its own, so that creates
+            # and polls, which share the main connection's thread, do not wait behind it (WAL lets both run).
+            async with aiosqlite.connect(Path(self.path).resolve().as_uri() + "?mode=ro", uri=True) as reader:
+                rows = await reader.execute_fetchall(sql)
+        return {str(status): int(n) for status, n in rows}
