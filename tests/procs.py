@@ -95,3 +95,11 @@ async def wait_exit(proc: asyncio.subprocess.Process, within_s: float = 15.0) ->
         await proc.communicate()
         raise AssertionError(f"process did not exit within {within_s} s") from None
     return out or b""
+
+
+async def start_demo(database: Path, *, cwd: Path | None = None) -> tuple[asyncio.subprocess.Process, str]:
+    """Start `agnes-gateway demo` on free ports with instant videos; returns it and the gateway's base URL."""
+    port, upstream_port = free_port(), free_port()
+    args = ["demo", "--port", str(port), "--upstream-port", str(upstream_port), "--database", str(database)]
+    proc = await start([*args, "--task-seconds", "0"], cwd=cwd)
+    return proc, f"http://127.0.0.1:{port}"

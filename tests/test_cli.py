@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from .conftest import BODY
-from .procs import free_port, start, stop, wait_ready
+from .procs import free_port, start, start_demo, stop, wait_ready
 
 ROOT = Path(__file__).parent.parent
 
@@ -46,21 +46,7 @@ def test_help_lists_the_commands() -> None:
 
 
 async def test_demo_runs_a_gateway_over_the_simulator(tmp_path: Path) -> None:
-    port, upstream_port = free_port(), free_port()
-    proc = await start(
-        [
-            "demo",
-            "--port",
-            str(port),
-            "--upstream-port",
-            str(upstream_port),
-            "--database",
-            str(tmp_path / "d.db"),
-            "--task-seconds",
-            "0",
-        ]
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = await start_demo(tmp_path / "d.db")
     try:
         await wait_ready(f"{base}/healthz", proc)
         async with aiohttp.ClientSession() as session:

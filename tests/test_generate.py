@@ -17,7 +17,7 @@ from gateway.clock import ManualClock
 from gateway.generate import Exit, Progress
 
 from .conftest import KEY_A, TOKEN, Running, Upstream, gateway_config
-from .procs import free_port, start, stop, wait_ready
+from .procs import free_port, start_demo, stop, wait_ready
 
 ROOT = Path(__file__).parent.parent
 MakeGateway = Callable[..., Awaitable[Running]]
@@ -57,22 +57,7 @@ def base(gw: Running) -> str:
 
 
 async def test_generate_end_to_end_against_the_demo(tmp_path: Path) -> None:
-    port, upstream_port = free_port(), free_port()
-    demo = await start(
-        [
-            "demo",
-            "--port",
-            str(port),
-            "--upstream-port",
-            str(upstream_port),
-            "--database",
-            str(tmp_path / "d.db"),
-            "--task-seconds",
-            "0",
-        ],
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    demo, url = await start_demo(tmp_path / "d.db", cwd=ROOT)
     try:
         await wait_ready(f"{url}/healthz", demo)
         out = tmp_path / "cat.mp4"

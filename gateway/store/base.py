@@ -44,6 +44,21 @@ class TaskRecord:
     #: What the create asked for (JSON text), for surfaces that echo it back (prompt, size, ...).
     request_meta: str | None = None
 
+    def row(self) -> tuple[object, ...]:
+        """The fields in column order, for an INSERT."""
+        return (
+            self.task_id,
+            self.key_name,
+            self.client,
+            self.created_at,
+            self.status,
+            self.progress,
+            self.updated_at,
+            self.terminal_body,
+            self.idempotency_key,
+            self.request_meta,
+        )
+
     @property
     def terminal(self) -> bool:
         return self.terminal_body is not None

@@ -217,18 +217,7 @@ class PostgresStore:
     async def add_task(self, task: TaskRecord) -> None:
         from asyncpg import UniqueViolationError
 
-        args = (
-            task.task_id,
-            task.key_name,
-            task.client,
-            task.created_at,
-            task.status,
-            task.progress,
-            task.updated_at,
-            task.terminal_body,
-            task.idempotency_key,
-            task.request_meta,
-        )
+        args = task.row()
         try:
             await self.pool.execute(_UPSERT_TASK, *args)
         except UniqueViolationError:

@@ -101,6 +101,8 @@ class SQLiteStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        #: The same file, read-only, for long scans on a connection of their own.
+        self._read_only_uri = None if path == ":memory:" else Path(path).resolve().as_uri() + "?mode=ro"
         self._db: aiosqlite.Connection | None = None
         self._waiting: list[tuple[Statement, asyncio.Future[list[Any]]]] = []
         self._committing: asyncio.Future[None] | None = None
@@ -259,18 +261,7 @@ class SQLiteStore:
         )
 
     async def add_task(self, task: TaskRecord) -> None:
-        row = (
-            task.task_id,
-            task.key_name,
-            task.client,
-            task.created_at,
-            task.status,
-            task.progress,
-            task.updated_at,
-            task.terminal_body,
-            task.idempotency_key,
-            task.request_meta,
-        )
+        row = task.row()
         try:
             await self._write(_UPSERT_TASK, row)
         except sqlite3.IntegrityError:
@@ -333,11 +324,11 @@ class SQLiteStore:
 
     async def task_counts(self) -> dict[str, int]:
         sql = "SELECT COALESCE(status, 'unknown'), COUNT(*) FROM tasks GROUP BY 1"
-        if self.path == ":memory:":
+        if self._read_only_uri is None:
             rows = await self.db.execute_fetchall(sql)
         else:
             # A full scan (about a second at 1,000,000 tasks): on a connection of its own, so that creates
             # and polls, which share the main connection's thread, do not wait behind it (WAL lets both run).
-            async with aiosqlite.connect(Path(self.path).resolve().as_uri() + "?mode=ro", uri=True) as reader:
+            async with aiosqlite.connect(self._read_only_uri, uri=True) as reader:
                 rows = await reader.execute_fetchall(sql)
         return {str(status): int(n) for status, n in rows}
