@@ -71,38 +71,34 @@ async def test_demo_runs_a_gateway_over_the_simulator(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
-async def test_simulate_serves_the_upstream_api() -> None:
+async def two_creates_on_simulator(*args: str) -> list[tuple[int, str]]:
+    """Run `agnes-gateway simulate ARGS` with key sk-sim-0001; status and content type of two creates."""
     port = free_port()
-    proc = await start(["simulate", "--port", str(port), "--key", "sk-sim-0001:1", "--task-seconds", "0"])
+    proc = await start(["simulate", "--port", str(port), *args])
     base = f"http://127.0.0.1:{port}"
+    answers = []
     try:
         await wait_ready(f"{base}/_sim/stats", proc)
         headers = {"Authorization": "Bearer sk-sim-0001"}
         async with aiohttp.ClientSession(headers=headers) as session:
-            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
-                assert resp.status == 200
-            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
-                assert resp.status == 429
+            for _ in range(2):
+                async with session.post(f"{base}/v1/videos", json=BODY) as resp:
+                    answers.append((resp.status, resp.content_type))
     finally:
         await stop(proc)
+    return answers
+
+
+async def test_simulate_serves_the_upstream_api() -> None:
+    answers = await two_creates_on_simulator("--key", "sk-sim-0001:1", "--task-seconds", "0")
+    assert [status for status, _ in answers] == [200, 429]
 
 
 async def test_simulate_takes_faults_for_the_whole_run() -> None:
-    port = free_port()
     fault = '{"kind": "html_error", "status": 503, "operation": "create", "times": 1}'
-    proc = await start(["simulate", "--port", str(port), "--key", "sk-sim-0001", "--fault", fault])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await wait_ready(f"{base}/_sim/stats", proc)
-        headers = {"Authorization": "Bearer sk-sim-0001"}
-        async with aiohttp.ClientSession(headers=headers) as session:
-            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
-                assert resp.status == 503
-                assert resp.content_type == "text/html"
-            async with session.post(f"{base}/v1/videos", json=BODY) as resp:
-                assert resp.status == 200
-    finally:
-        await stop(proc)
+    answers = await two_creates_on_simulator("--key", "sk-sim-0001", "--fault", fault)
+    assert answers[0] == (503, "text/html")
+    assert answers[1][0] == 200
 
 
 def test_simulate_refuses_a_bad_fault() -> None:
