@@ -91,6 +91,7 @@ def create_app(
             pruning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pruning
+            await app[GATEWAY].upstream.close()
             await session.close()
             await store.close()
 

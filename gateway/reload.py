@@ -122,6 +122,7 @@ class Reloader:
         redact_more(config)
         gateway.config = config
         gateway.polls.freshness_s = config.poll.freshness_s
+        replaced = gateway.upstream
         if config.upstream != old.upstream:
             gateway.upstream = UpstreamClient(config.upstream, gateway.upstream.session)
         gateway.breakers.threshold = config.resilience.breaker_failures
@@ -129,6 +130,8 @@ class Reloader:
         gateway.pool.schedule = config.schedule
         gateway.pool.configure(config.keys)
         await gateway.pool.load(gateway.clock.now())
+        if gateway.upstream is not replaced:
+            await replaced.close()  # its idle connections now, those in use when their call ends
         if config.log.level != old.log.level:
             logging.getLogger().setLevel(config.log.level)
         log.info(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -14,8 +15,11 @@ import aiohttp
 
 from .bodies import SpooledBody
 from .config import KeyConfig, UpstreamConfig
+from .http1 import ConnectFailed, ConnectionBroken, Http1Pool
 
 MAX_ANSWER_BYTES: Final = 1024 * 1024
+#: Idle upstream connections are kept this long, so clients polling every 5-10 s reuse them.
+IDLE_S: Final = 30.0
 
 
 class Outcome(StrEnum):
@@ -63,65 +67,85 @@ class UpstreamBroken(UpstreamError):
 
 
 class UpstreamClient:
-    """Creates and polls tasks upstream with a given key, and classifies the answers."""
+    """Creates and polls tasks upstream with a given key, and classifies the answers.
+
+    API calls go over `http` (a lean keep-alive client for small JSON answers); `session` is the
+    aiohttp session for everything else (video downloads from any host).
+    """
 
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.session = session
+        self.http = Http1Pool(
+            config.base_url,
+            max_connections=config.max_connections,
+            connect_timeout_s=config.connect_timeout_s,
+            max_answer_bytes=MAX_ANSWER_BYTES,
+            idle_s=IDLE_S,
+        )
         self._quota_re = re.compile(config.quota_pattern)
-        self._videos_url = config.base_url + "/v1/videos"
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s)
+        self._auth: dict[str, tuple[str, tuple[str, str]]] = {}
 
     @staticmethod
     def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
-        """The one session for all upstream calls, with a connection pool sized by the config."""
-        # Idle connections live 30 s, so clients polling every 5-10 s reuse them instead of reconnecting.
-        connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, keepalive_timeout=30)
+        """The session for video downloads, with a connection pool sized by the config."""
+        connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, keepalive_timeout=IDLE_S)
         return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=True,
-            # Answers are small JSON documents: no compression to negotiate and undo on every call.
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            # Cookies one key's answer might set must never ride along with another key's calls.
+            # Cookies one answer might set must never ride along with another call.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
+    async def close(self) -> None:
+        """Close the API connections (the session is closed by its owner)."""
+        await self.http.close()
+
     async def create(self, key: KeyConfig, body: bytes | SpooledBody, content_type: str) -> Answer:
         """POST /v1/videos with `key`; `body` goes out exactly as the client sent it (streamed when spooled)."""
-        headers = {"Authorization": f"Bearer {key.secret.reveal()}", "Content-Type": content_type}
+        headers = [self._authorization(key), ("Content-Type", content_type)]
         if isinstance(body, SpooledBody):
-            headers["Content-Length"] = str(body.size)
-            return await self._call("POST", self._videos_url, headers, body.chunks())
-        return await self._call("POST", self._videos_url, headers, body)
+            headers.append(("Content-Length", str(body.size)))
+            return await self._call("POST", "/v1/videos", headers, body.chunks())
+        return await self._call("POST", "/v1/videos", headers, body)
 
     async def poll(self, key: KeyConfig, task_id: str) -> Answer:
         """GET /v1/videos/{task_id} with `key`; `task_id` must already be validated."""
-        headers = {"Authorization": f"Bearer {key.secret.reveal()}"}
-        return await self._call("GET", f"{self._videos_url}/{task_id}", headers, None)
+        return await self._call("GET", f"/v1/videos/{task_id}", (self._authorization(key),), None)
+
+    def _authorization(self, key: KeyConfig) -> tuple[str, str]:
+        """The key's Authorization header, built once per key and secret."""
+        secret = key.secret.reveal()
+        known = self._auth.get(key.name)
+        if known is None or known[0] != secret:
+            known = (secret, ("Authorization", f"Bearer {secret}"))
+            self._auth[key.name] = known
+        return known[1]
 
     async def _call(
-        self, method: str, url: str, headers: dict[str, str], body: bytes | AsyncIterator[bytes] | None
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
     ) -> Answer:
         try:
-            async with self.session.request(
-                method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
-            ) as resp:
-                data = await resp.content.read(MAX_ANSWER_BYTES)
-                return self.classify(resp.status, data, resp.headers)
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(f"cannot connect to upstream ({type(exc).__name__})") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamUnreachable("timed out connecting to upstream") from None
+            async with asyncio.timeout(self.config.timeout_s):
+                answer = await self.http.request(method, path, headers, body)
+        except ConnectFailed as exc:
+            raise UpstreamUnreachable(str(exc)) from None
         except TimeoutError:
             raise UpstreamTimeout(f"no answer from upstream within {self.config.timeout_s:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamBroken(f"upstream connection failed ({type(exc).__name__})") from None
+        except (ConnectionBroken, OSError) as exc:
+            raise UpstreamBroken(f"upstream connection failed ({exc})") from None
+        return self.classify(answer.status, answer.body, answer.headers)
 
     def classify(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Answer:
-        """Tell a spent quota from a rate limit from a refused key from a bad request."""
+        """Tell a spent quota from a rate limit from a refused key from a bad request (header names lower-case)."""
         headers = headers or {}
-        content_type = headers.get("Content-Type", "application/json")
-        retry_after = parse_retry_after(headers.get("Retry-After"))
+        content_type = headers.get("content-type", "application/json")
+        retry_after = parse_retry_after(headers.get("retry-after"))
         if status < 300:
             outcome = Outcome.OK
         elif status in self.config.quota_statuses and self._quota_re.search(body.decode("utf-8", "replace")):
