@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import random
 import re
 import sys
+import time
 from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import TextIO
@@ -64,21 +67,26 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        find = self._find
-        if find is not None and find(message):
-            message = self._scrub(message)
         record.msg, record.args = message, None  # formatted once, here: the formatter reuses it
-        if find is not None:
-            fields = record.__dict__
-            for name in FIELDS:
-                value = fields.get(name)
-                if isinstance(value, str) and find(value):
-                    fields[name] = self._scrub(value)
-            if record.exc_info and not record.exc_text:
-                # A traceback can quote request bytes (a bad header line with a token in it): scrub it too.
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            if record.exc_text and find(record.exc_text):
-                record.exc_text = self._scrub(record.exc_text)
+        find = self._find
+        if find is None:
+            return True
+        if record.exc_info and not record.exc_text:
+            # A traceback can quote request bytes (a bad header line with a token in it): scrub it too.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        fields = record.__dict__
+        texts = [message, record.exc_text or ""]
+        texts += [value for name in FIELDS if isinstance(value := fields.get(name), str)]
+        # One search over everything (no secret holds a NUL): the common line has nothing to scrub.
+        if not find("\0".join(texts)):
+            return True
+        record.msg = self._scrub(message)
+        for name in FIELDS:
+            value = fields.get(name)
+            if isinstance(value, str) and find(value):
+                fields[name] = self._scrub(value)
+        if record.exc_text:
+            record.exc_text = self._scrub(record.exc_text)
         return True
 
     def _scrub(self, text: str) -> str:
@@ -114,18 +122,38 @@ class MalformedRequests(logging.Filter):
         return record.levelno >= logging.getLogger().getEffectiveLevel()
 
 
+class SecondStamp:
+    """`time.strftime(fmt)` of a record's time, computed once per second rather than once per line."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime(self.fmt, time.localtime(created))
+        return self._text
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the structured fields, any exception."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = SecondStamp("%Y-%m-%dT%H:%M:%S")
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": self._stamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = record.__dict__
         for name in FIELDS:
-            value = getattr(record, name, None)
+            value = fields.get(name)
             if value is not None:
                 doc[name] = value
         if record.exc_text:
@@ -140,6 +168,12 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._stamp = SecondStamp("%Y-%m-%d %H:%M:%S")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return f"{self._stamp(record.created)},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -150,9 +184,43 @@ class TextFormatter(logging.Formatter):
         return f"{first} request_id={rid}{newline}{rest}"
 
 
+class TurnFlushingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that flushes once per turn of the event loop instead of once per line.
+
+    Under load many requests finish in one turn: their lines leave in one write instead of one each.
+    Outside a running loop (startup, other threads) every line is flushed at once, as usual.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._flush_pending = False
+
+    def flush(self) -> None:
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._flush_pending = False
+            super().flush()
+
+    def close(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._flush_pending = False
+            super().flush()
+        super().close()
+
+
 def setup_logging(config: Config, stream: TextIO | None = None) -> None:
     """Send the gateway's logs to stderr (or `stream`) in the configured format, secrets scrubbed."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = TurnFlushingHandler(stream or _buffered_stderr())
     if config.log.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -171,6 +239,11 @@ def setup_logging(config: Config, stream: TextIO | None = None) -> None:
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequests) for f in server.filters):
         server.addFilter(MalformedRequests())
+
+
+def _buffered_stderr() -> TextIO:
+    """stderr, buffered: sys.stderr is line-buffered, a write per line; this copy writes when flushed."""
+    return open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8", errors="backslashreplace", closefd=False)
 
 
 def secrets_filter(config: Config) -> RedactSecrets:
