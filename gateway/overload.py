@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from .errors import GatewayError
 
@@ -37,14 +35,9 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the body of the `async with`; raises `Overloaded` when refused."""
-        await self._acquire()
-        try:
-            yield
-        finally:
-            self._release()
+    def slot(self) -> _Slot:
+        """`async with admission.slot():` holds one slot for its body; raises `Overloaded` when refused."""
+        return _Slot(self)
 
     async def _acquire(self) -> None:
         if self.active < self.limit and not self._waiters:
@@ -77,3 +70,18 @@ class Admission:
                 waiter.set_result(None)
                 return
         self.active -= 1
+
+
+class _Slot:
+    """One use of `Admission.slot()` (a class, not a generator: it is on every upstream call's path)."""
+
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def __aenter__(self) -> None:
+        await self._admission._acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._admission._release()
