@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 # The upstream's documented defaults (UPSTREAM.md): 1152x768, 121 frames at 24 fps.
@@ -23,7 +23,9 @@ class RequestMeta:
     seconds: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, ensure_ascii=False)
+        # Not `asdict`: it deep-copies every field, and this runs on every create.
+        fields = {"prompt": self.prompt, "model": self.model, "size": self.size, "seconds": self.seconds}
+        return json.dumps({k: v for k, v in fields.items() if v is not None}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | None) -> RequestMeta:
