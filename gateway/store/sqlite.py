@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -14,6 +16,8 @@ import aiosqlite
 from .base import KeyMark, KeyState, TaskRecord
 
 SCHEMA_VERSION = 1
+#: How long a write waits for another process (a worker, a replica) to finish its own.
+BUSY_TIMEOUT_S = 5.0
 
 TASK_COLUMNS = (
     "task_id, key_name, client, created_at, status, progress, updated_at, terminal_body, idempotency_key, request_meta"
@@ -70,33 +74,50 @@ _UPSERT_TASK = (
 Statement = tuple[str, Sequence[object]]
 
 
-def _run_together(conn: sqlite3.Connection, statements: list[Statement]) -> list[list[Any] | Exception]:
+def _run_together(
+    conn: sqlite3.Connection, statements: list[Statement], lock_fd: int | None
+) -> list[list[Any] | Exception]:
     """In the database thread: the statements in one transaction, so they share one commit.
 
     A statement that fails is undone on its own (its error is its result); the others still commit.
+    `lock_fd` is the store's lock file, held for the transaction (see `SQLiteStore`).
     """
     results: list[list[Any] | Exception] = []
-    conn.execute("BEGIN IMMEDIATE")
+    if lock_fd is not None:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # blocks this thread only; released if the process dies
     try:
-        for sql, params in statements:
-            try:
-                results.append(conn.execute(sql, params).fetchall())
-            except sqlite3.Error as exc:
-                results.append(exc)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                try:
+                    results.append(conn.execute(sql, params).fetchall())
+                except sqlite3.Error as exc:
+                    results.append(exc)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        if lock_fd is not None:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
     return results
 
 
 class SQLiteStore:
     """`Store` on one SQLite file; each write is committed before its call returns.
 
+    Every read runs to its end in one trip to the database thread (`execute_fetchall`): a SELECT
+    left open between trips would hold an old snapshot, and a write transaction started meanwhile
+    on the connection fails at once with "database is locked" once another process has written.
+
     Writes that arrive while others are being committed are committed together, in one
     transaction (group commit): a commit is most of a write's cost, so under load many creates
     share one instead of queueing behind each other's.
+
+    Processes sharing the file (`serve --workers`) take turns through a lock file beside it
+    (`<file>.lock`, flock): SQLite's own busy handler polls with growing sleeps, and under load one
+    process committing batch after batch could starve another past any timeout.
     """
 
     def __init__(self, path: str) -> None:
@@ -104,6 +125,7 @@ class SQLiteStore:
         #: The same file, read-only, for long scans on a connection of their own.
         self._read_only_uri = None if path == ":memory:" else Path(path).resolve().as_uri() + "?mode=ro"
         self._db: aiosqlite.Connection | None = None
+        self._lock_fd: int | None = None
         self._waiting: list[tuple[Statement, asyncio.Future[list[Any]]]] = []
         self._committing: asyncio.Future[None] | None = None
         #: Transactions committed by group commit (for tests and benchmarks).
@@ -120,7 +142,9 @@ class SQLiteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, so a row is durable when its statement returns.
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.db.execute("PRAGMA busy_timeout = 5000")
+        if self.path != ":memory:":
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        await self.db.execute(f"PRAGMA busy_timeout = {round(BUSY_TIMEOUT_S * 1000)}")
         await self._use_wal()
         # NORMAL in WAL mode survives a killed process; only an OS crash can lose the last commits.
         await self.db.execute("PRAGMA synchronous = NORMAL")
@@ -149,6 +173,9 @@ class SQLiteStore:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _write(self, sql: str, params: Sequence[object]) -> list[Any]:
         """Run a write and return its rows once it is committed, together with the writes waiting with it."""
@@ -165,7 +192,8 @@ class SQLiteStore:
                 try:
                     # aiosqlite's own queue to its thread, with our function: one trip for the whole batch.
                     db = cast(Any, self.db)  # aiosqlite's `_execute` is untyped
-                    results = await db._execute(_run_together, db._conn, [s for s, _ in batch])
+                    statements = [s for s, _ in batch]
+                    results = await db._execute(_run_together, db._conn, statements, self._lock_fd)
                 except BaseException as exc:
                     for _, done in batch:
                         if not done.done():
@@ -185,8 +213,7 @@ class SQLiteStore:
             self._committing = None
 
     async def ping(self) -> None:
-        async with self.db.execute("SELECT 1") as cur:
-            await cur.fetchone()
+        await self.db.execute_fetchall("SELECT 1")
 
     async def reserve(self, key_name: str, day: str, limit: int | None) -> int | None:
         return await self._count_up("quota_usage", "key_name", key_name, day, limit)
@@ -201,8 +228,8 @@ class SQLiteStore:
         return await self._count_down("client_usage", "client", client, day)
 
     async def client_usage(self, day: str) -> dict[str, int]:
-        async with self.db.execute("SELECT client, used FROM client_usage WHERE day = ?", (day,)) as cur:
-            return {str(name): int(used) async for name, used in cur}
+        rows = await self.db.execute_fetchall("SELECT client, used FROM client_usage WHERE day = ?", (day,))
+        return {str(name): int(used) for name, used in rows}
 
     async def _count_up(self, table: str, column: str, name: str, day: str, limit: int | None) -> int | None:
         """One conditional upsert: atomic even across processes sharing the file."""
@@ -227,33 +254,32 @@ class SQLiteStore:
         return int(rows[0][0]) if rows else 0
 
     async def _write_returning(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
-        """Run a write with RETURNING to completion in one step.
+        """A write whose RETURNING rows are wanted: committed, like every write, by `_write`.
 
-        Until such a statement is stepped to its end, SQLite keeps its transaction open, and any other
-        write that runs meanwhile on this connection joins it: a task route "written" then would be lost
-        by a kill -9 before the statement finished. Executing and fetching in one job leaves no such gap.
+        (Stepped to its end within its transaction: a RETURNING statement left half-read would keep
+        SQLite's transaction open, and writes joining it would not be durable when they return.)
         """
-        return [tuple(row) for row in await self.db.execute_fetchall(sql, params)]
+        return [tuple(row) for row in await self._write(sql, params)]
 
     async def usage(self, day: str) -> dict[str, int]:
-        async with self.db.execute("SELECT key_name, used FROM quota_usage WHERE day = ?", (day,)) as cur:
-            return {str(name): int(used) async for name, used in cur}
+        rows = await self.db.execute_fetchall("SELECT key_name, used FROM quota_usage WHERE day = ?", (day,))
+        return {str(name): int(used) for name, used in rows}
 
     async def reset_usage(self, key_name: str, day: str) -> None:
-        await self.db.execute("DELETE FROM quota_usage WHERE key_name = ? AND day = ?", (key_name, day))
+        await self._write("DELETE FROM quota_usage WHERE key_name = ? AND day = ?", (key_name, day))
 
     async def key_marks(self) -> dict[str, KeyMark]:
-        async with self.db.execute("SELECT key_name, state, reason, until, fingerprint FROM key_marks") as cur:
-            return {
-                str(name): KeyMark(KeyState(state), str(reason), until, fingerprint)
-                async for name, state, reason, until, fingerprint in cur
-            }
+        rows = await self.db.execute_fetchall("SELECT key_name, state, reason, until, fingerprint FROM key_marks")
+        return {
+            str(name): KeyMark(KeyState(state), str(reason), until, fingerprint)
+            for name, state, reason, until, fingerprint in rows
+        }
 
     async def set_key_mark(self, key_name: str, mark: KeyMark | None) -> None:
         if mark is None:
-            await self.db.execute("DELETE FROM key_marks WHERE key_name = ?", (key_name,))
+            await self._write("DELETE FROM key_marks WHERE key_name = ?", (key_name,))
             return
-        await self.db.execute(
+        await self._write(
             "INSERT INTO key_marks (key_name, state, reason, until, fingerprint) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (key_name) DO UPDATE SET state = excluded.state, reason = excluded.reason, "
             "until = excluded.until, fingerprint = excluded.fingerprint",
@@ -309,8 +335,7 @@ class SQLiteStore:
             f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
             "ORDER BY created_at DESC, task_id DESC LIMIT ?"
         )
-        async with self.db.execute(sql, (*params, limit)) as cur:
-            return [TaskRecord(*row) async for row in cur]
+        return [TaskRecord(*row) for row in await self.db.execute_fetchall(sql, (*params, limit))]
 
     async def delete_task(self, task_id: str) -> bool:
         return bool(await self._write_returning("DELETE FROM tasks WHERE task_id = ? RETURNING task_id", (task_id,)))
