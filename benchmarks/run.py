@@ -48,6 +48,7 @@ GATEWAY_KEYS = ("sk-bench-key-a-000000000001", "sk-bench-key-b-000000000002", "s
 DIRECT_KEY = "sk-bench-direct-00000000009"
 CLIENT_TOKEN = "bench-client-token-0123456789"
 CREATE_BODY = {"model": "agnes-video-v2.0", "prompt": "A cat playing piano in a jazz bar"}
+GATEWAY_WORKERS = 1  # --workers: gateway processes (serve --workers N)
 GATEWAY_SECTIONS: dict[str, Any] = {}  # --gateway-config: config sections replaced in every gateway started
 GATEWAY_SOURCE = ROOT  # --gateway-src: the checkout whose gateway is measured (python -m gateway runs from there)
 BASELINE, GATEWAY, NGINX, PASSTHROUGH = "simulator", "gateway", "nginx", "aiohttp"
@@ -80,11 +81,13 @@ class Proc:
         return sum(_cpu_seconds(pid) for pid in (self.pid, *_children(self.pid)))
 
     def memory_mb(self, field_name: str = "VmHWM") -> float:
-        """VmHWM is the peak resident set size, VmRSS the current one."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """VmHWM is the peak resident set size, VmRSS the current one; summed over the process and its children."""
+        total = 0.0
+        for pid in (self.pid, *_children(self.pid)):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field_name + ":"):
+                    total += int(line.split()[1]) / 1024
+        return total
 
     def check(self) -> None:
         if self.popen.poll() is not None:
@@ -164,7 +167,8 @@ def start_gateway(tmp: Path, upstream_port: int, database: Path, *, uvloop: bool
     if '"poll"' not in (GATEWAY_SOURCE / "gateway" / "config.py").read_text():
         sections.pop("poll", None)  # an older checkout (--gateway-src) without the poll options
     config = gateway_config(tmp, port, upstream_port, database, **sections)
-    args = python_cmd("serve", "--config", str(config), *(["--uvloop"] if uvloop else []))
+    workers = ["--workers", str(GATEWAY_WORKERS)] if GATEWAY_WORKERS > 1 else []
+    args = python_cmd("serve", "--config", str(config), *workers, *(["--uvloop"] if uvloop else []))
     proc = Proc(f"gateway:{port}", args, tmp / f"gateway-{port}.log", cwd=GATEWAY_SOURCE)
     wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
     return proc, port
@@ -596,6 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--routes", type=int, default=1_000_000, help="routes in the large database")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up, 100,000 routes")
     parser.add_argument("--no-uvloop", action="store_true", help="run the gateway on asyncio's own loop")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gateway processes on the port (serve --workers; default 1)"
+    )
     parser.add_argument("--only", action="append", help="run only these parts: running, completed, creates, routes")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--profile", metavar="DIR", help="sample the gateway with py-spy during its runs, into DIR")
@@ -608,6 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='config sections for the gateway, e.g. \'{"log": {"level": "WARNING"}}\' (replace the defaults)',
     )
     args = parser.parse_args(argv)
+    global GATEWAY_WORKERS
+    GATEWAY_WORKERS = args.workers
     if args.gateway_config:
         GATEWAY_SECTIONS.update(json.loads(args.gateway_config))
     if args.gateway_src:
@@ -632,9 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "gateway_loop": "asyncio" if args.no_uvloop else "uvloop",
+        "gateway_workers": args.workers,
     }
     print(f"machine: {info['machine']}")
-    print(f"wrk: {info['wrk']}; nginx: {info['nginx']}; gateway loop: {info['gateway_loop']}")
+    print(
+        f"wrk: {info['wrk']}; nginx: {info['nginx']}; gateway loop: {info['gateway_loop']}; "
+        f"gateway workers: {info['gateway_workers']}"
+    )
     print(f"each figure: median of {args.rounds} run(s) of {args.duration:g} s after {args.warmup:g} s of warm-up")
     if info["nginx"] == "absent":
         print("note: nginx is not installed (apt-get install nginx-light): its rows are skipped")

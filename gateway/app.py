@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -220,13 +221,38 @@ def _authenticate(request: web.Request) -> None:
     request[CLIENT] = client
 
 
-async def serve(config: Config, *, clock: Clock | None = None, reload_config: ConfigLoader | None = None) -> None:
-    """Run the gateway until SIGINT or SIGTERM, reloading on SIGHUP; then drain in-flight requests and close."""
+async def _parent_gone(stop: asyncio.Event) -> None:
+    """A worker whose supervisor was killed stops too, rather than hold the port alone."""
+    parent = os.getppid()
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            break
+    log.warning("the supervisor is gone: stopping")
+    stop.set()
+
+
+def refuse_open_listener(config: Config) -> None:
+    """Stop here if the gateway would serve anyone on the network without a token."""
     if not config.clients and not config.listen.is_loopback:
         raise SystemExit(
             f"refusing to listen on {config.listen.host}: no clients are configured, so anyone could use the pool; "
             "add `clients:` with tokens, or listen on 127.0.0.1"
         )
+
+
+async def serve(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    reload_config: ConfigLoader | None = None,
+    reuse_port: bool = False,
+) -> None:
+    """Run the gateway until SIGINT or SIGTERM, reloading on SIGHUP; then drain in-flight requests and close.
+
+    `reuse_port`: share the port with other processes (SO_REUSEPORT), as the workers of one `serve` do.
+    """
+    refuse_open_listener(config)
     app = create_app(config, clock=clock, reload_config=reload_config)
     # On shutdown aiohttp stops listening, closes idle connections and gives running requests this long.
     # keepalive_timeout also closes a connection that never completes its request headers (slowloris).
@@ -240,13 +266,15 @@ async def serve(config: Config, *, clock: Clock | None = None, reload_config: Co
     stop_reloading = reload_on_hangup(app[RELOADER], lambda: app[GATEWAY])
     runners = [runner]
     try:
-        await web.TCPSite(runner, config.listen.host, config.listen.port, backlog=4096).start()
+        await web.TCPSite(
+            runner, config.listen.host, config.listen.port, backlog=4096, reuse_port=reuse_port or None
+        ).start()
         if config.metrics.port is not None:
             metrics_runner = web.AppRunner(create_metrics_app(app[METRICS], config.metrics.token), access_log=None)
             await metrics_runner.setup()
             runners.insert(0, metrics_runner)
             host = config.metrics.host or config.listen.host
-            await web.TCPSite(metrics_runner, host, config.metrics.port).start()
+            await web.TCPSite(metrics_runner, host, config.metrics.port, reuse_port=reuse_port or None).start()
             log.info("metrics on http://%s:%d/metrics", host, config.metrics.port)
     except BaseException:
         stop_reloading()
@@ -263,7 +291,7 @@ async def serve(config: Config, *, clock: Clock | None = None, reload_config: Co
         config.upstream.base_url,
         mask_password(config.database),
     )
-    await wait_for_signal()
+    await wait_for_signal(leave_with_parent=reuse_port)
     stop_reloading()
     log.info("shutting down: no new connections; requests in flight have up to %g s to finish", config.shutdown.drain_s)
     for each in runners:
@@ -271,14 +299,17 @@ async def serve(config: Config, *, clock: Clock | None = None, reload_config: Co
     log.info("stopped; database closed")
 
 
-async def wait_for_signal() -> None:
-    """Return when SIGINT or SIGTERM arrives."""
+async def wait_for_signal(*, leave_with_parent: bool = False) -> None:
+    """Return when SIGINT or SIGTERM arrives (or, with `leave_with_parent`, when the parent process is gone)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(_parent_gone(stop)) if leave_with_parent else None
     try:
         await stop.wait()
     finally:
+        if watch is not None:
+            watch.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -25,6 +25,7 @@ from .logs import setup_logging
 from .pool import KeyPool
 from .simulator import Fault, SimulatorConfig, create_simulator_app
 from .store import mask_password, open_store
+from .workers import supervise
 
 CONFIG_ENV = "AGNES_GATEWAY_CONFIG"
 ADMIN_TOKEN_ENV = "AGNES_GATEWAY_ADMIN_TOKEN"
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--host", help="listen address (overrides listen.host)")
     p.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    p.add_argument("--workers", type=int, help="gateway processes sharing the port (overrides listen.workers)")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop if it is installed (a faster event loop)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of the workers of a supervisor
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("check-config", help="validate a config file without starting")
@@ -180,13 +183,15 @@ def _serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
 
     def read() -> Config:
-        return replace_listen(load_config(path), args.host, args.port)
+        return replace_listen(load_config(path), args.host, args.port, args.workers)
 
     config = read()
     setup_logging(config)
+    if config.listen.workers > 1 and not args.worker:
+        return supervise(config, path, uvloop=args.uvloop)
     if args.uvloop:
         _install_uvloop()
-    asyncio.run(serve(config, reload_config=read))
+    asyncio.run(serve(config, reload_config=read, reuse_port=args.worker))
     return 0
 
 

@@ -89,6 +89,8 @@ class Secret:
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    #: Gateway processes sharing the port (SO_REUSEPORT), each a full gateway on the same store.
+    workers: int = 1
 
     @property
     def is_loopback(self) -> bool:
@@ -319,10 +321,11 @@ def parse_config(
     top = _mapping(doc, "", TOP_LEVEL)
     base = base_dir or Path.cwd()
 
-    listen_raw = _mapping(top.get("listen", {}), "listen", {"host", "port"})
+    listen_raw = _mapping(top.get("listen", {}), "listen", {"host", "port", "workers"})
     listen = ListenConfig(
         host=_get(listen_raw, "host", str, "listen", "127.0.0.1"),
         port=_port(listen_raw.get("port", 8080), "listen.port"),
+        workers=_whole(listen_raw, "workers", "listen", 1, 1),
     )
 
     up_raw = _mapping(
@@ -715,14 +718,17 @@ def _name(value: Any, path: str) -> str:
     return value
 
 
-def replace_listen(config: Config, host: str | None, port: int | None) -> Config:
-    """The config with `--host`/`--port` from the command line applied."""
+def replace_listen(config: Config, host: str | None, port: int | None, workers: int | None = None) -> Config:
+    """The config with `--host`/`--port`/`--workers` from the command line applied."""
     from dataclasses import replace
 
+    if workers is not None and workers < 1:
+        raise ConfigError("--workers", f"must be a whole number >= 1, got {workers}")
     listen = replace(
         config.listen,
         host=host if host is not None else config.listen.host,
         port=_port(port, "--port") if port is not None else config.listen.port,
+        workers=workers if workers is not None else config.listen.workers,
     )
     return replace(config, listen=listen)
 

@@ -7,6 +7,7 @@ Labels carry key and client *names*, route templates and fixed outcome words: ne
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics import disable_created_metrics
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -32,6 +34,8 @@ from .store import KeyState
 log = logging.getLogger("agnes_gateway.metrics")
 
 NAMESPACE = "agnes_gateway"
+#: prometheus_client reads this at import: when set, counters live in files that all workers add up.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The route label of requests that matched no route (404s, probes of random paths).
 UNMATCHED_ROUTE = "unmatched"
 #: Task statuses reported as they are; anything else upstream invents is counted as `other`.
@@ -218,10 +222,18 @@ class GatewayMetrics(Events):
         for reason in ("quota", "rate_limit", "auth", "error"):
             self.failovers.labels(reason)  # present at 0 from the start, so rate() sees the first one
         self.pool = PoolCollector()
-        r.register(self.pool)
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        #: What a scrape shows: this registry, or with several workers (`serve --workers`), every
+        #: worker's counters added up from prometheus_client's multiprocess files, and the pool.
+        self.exposed = r
+        if os.environ.get(MULTIPROC_ENV):
+            self.exposed = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+            self.exposed.register(self.pool)
+        else:
+            r.register(self.pool)
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
 
     def bind(self, gateway: Gateway) -> None:
         """Start reading pool and store state from `gateway` (once the app has opened it)."""
@@ -266,7 +278,7 @@ class GatewayMetrics(Events):
     async def exposition(self) -> bytes:
         """The Prometheus text format of everything, with pool and task state read just now."""
         await self.pool.refresh()
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 def metrics_handler(metrics: GatewayMetrics, token: Secret | None) -> Handler:
