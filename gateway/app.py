@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 
 from aiohttp import web
 
@@ -116,6 +115,8 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     rid = logs.accept_request_id(request.headers.get(REQUEST_ID_HEADER))
     request[REQUEST_ID] = rid
     token = logs.request_id.set(rid)
+    held = logs.HeldCalls()
+    held_token = logs.upstream_calls.set(held)
     started = time.perf_counter()
     status = 500
     try:
@@ -129,36 +130,68 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         status = CLIENT_CLOSED
         raise
     finally:
+        held.open = False  # calls still running for it (a shared poll, a fetch) log on their own
         seconds = time.perf_counter() - started
         route = route_label(request)
         request.config_dict[METRICS].request(route, status, seconds)
         level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+        calls = held.calls
+        folded = calls[0] if len(calls) == 1 and access_log.isEnabledFor(level) else None
+        loop = asyncio.get_running_loop()
+        if folded is None:
+            for call in calls:
+                loop.call_soon(call.log)
         if access_log.isEnabledFor(level):
-            client, key = request.get(CLIENT), request.get(KEY_NAME)
             # Written just after the answer leaves (next turn of the loop): the client does not wait for it.
-            asyncio.get_running_loop().call_soon(
-                partial(
-                    access_log.log,
-                    level,
-                    "%s %s %d client=%s key=%s %.1fms",
-                    request.method,
-                    route,
-                    status,
-                    client or "-",
-                    key or "-",
-                    seconds * 1000,
-                    extra={
-                        "request_id": rid,
-                        "method": request.method,
-                        "route": route,
-                        "status": status,
-                        "client": client,
-                        "key": key,
-                        "duration_ms": round(seconds * 1000, 1),
-                    },
-                )
+            loop.call_soon(
+                _access_line,
+                level,
+                rid,
+                request.method,
+                route,
+                status,
+                request.get(CLIENT),
+                request.get(KEY_NAME),
+                seconds * 1000,
+                folded,
             )
+        logs.upstream_calls.reset(held_token)
         logs.request_id.reset(token)
+
+
+def _access_line(
+    level: int,
+    rid: str,
+    method: str,
+    route: str,
+    status: int,
+    client: str | None,
+    key: str | None,
+    ms: float,
+    call: logs.UpstreamCall | None,
+) -> None:
+    """The request's line; with its one upstream call's operation, outcome, status and time when it made one."""
+    fields = {
+        "request_id": rid,
+        "method": method,
+        "route": route,
+        "status": status,
+        "client": client,
+        "key": key,
+        "duration_ms": round(ms, 1),
+    }
+    message = "%s %s %d client=%s key=%s %.1fms"
+    args: list[object] = [method, route, status, client or "-", key or "-", ms]
+    if call is not None:
+        message += " upstream=%s %s %.1fms"
+        args += [call.outcome, "-" if call.status is None else call.status, call.duration_ms]
+        fields |= {
+            "operation": call.operation,
+            "outcome": call.outcome,
+            "upstream_status": call.status,
+            "upstream_ms": round(call.duration_ms, 1),
+        }
+    access_log.log(level, message, *args, extra=fields)
 
 
 async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -26,6 +27,8 @@ request_id: ContextVar[str | None] = ContextVar("agnes_request_id", default=None
 
 #: Structured fields a log call may pass in `extra=`; JSON lines carry them as their own members.
 FIELDS = (
+    "upstream_status",
+    "upstream_ms",
     "request_id",
     "method",
     "route",
@@ -37,6 +40,66 @@ FIELDS = (
     "state",
     "duration_ms",
 )
+
+upstream_log = logging.getLogger("agnes_gateway.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """One upstream call, as its log line tells it."""
+
+    operation: str
+    key: str
+    outcome: str
+    status: int | None
+    duration_ms: float
+
+    def log(self) -> None:
+        """Its own line on `agnes_gateway.upstream`."""
+        upstream_log.info(
+            "%s key=%s %s %s %.1fms",
+            self.operation,
+            self.key,
+            self.outcome,
+            "-" if self.status is None else self.status,
+            self.duration_ms,
+            extra={
+                "operation": self.operation,
+                "key": self.key,
+                "outcome": self.outcome,
+                "status": self.status,
+                "duration_ms": round(self.duration_ms, 1),
+            },
+        )
+
+
+class HeldCalls:
+    """A request's successful upstream calls, held for its access line (see `upstream_calls`)."""
+
+    __slots__ = ("calls", "open")
+
+    def __init__(self) -> None:
+        self.calls: list[UpstreamCall] = []
+        self.open = True
+
+
+#: While a request is handled: where its successful upstream calls wait for the access line. A request
+#: whose one upstream call succeeded gets one line, with that call's outcome, status and time on it (as
+#: nginx's $upstream_status); every other call (a failure, a failover, a retry) gets its own line too.
+upstream_calls: ContextVar[HeldCalls | None] = ContextVar("agnes_upstream_calls", default=None)
+
+
+def log_upstream_call(call: UpstreamCall) -> None:
+    """Log a finished upstream call: on its request's access line if it can go there, else its own line."""
+    held = upstream_calls.get()
+    if call.outcome == "ok":
+        if held is not None and held.open:
+            held.calls.append(call)
+        else:
+            asyncio.get_running_loop().call_soon(call.log)  # mostly after the answer has left
+    else:
+        call.log()
+
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 

@@ -18,6 +18,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+from . import logs
 from .bodies import SpooledBody
 from .breaker import Breakers, Permit
 from .clock import Clock
@@ -40,7 +41,6 @@ from .upstream import (
 )
 
 log = logging.getLogger("agnes_gateway.service")
-upstream_log = logging.getLogger("agnes_gateway.upstream")
 
 FAILOVER_REASONS = {
     Outcome.QUOTA: "quota",
@@ -359,27 +359,7 @@ class Gateway:
                 self.breakers.abandon(key.name)
             seconds = time.perf_counter() - started
             self.events.upstream_call(key.name, operation, outcome, seconds)
-            line = partial(
-                upstream_log.info,
-                "%s key=%s %s %s %.1fms",
-                operation,
-                key.name,
-                outcome,
-                "-" if status is None else status,
-                seconds * 1000,
-                extra={
-                    "operation": operation,
-                    "key": key.name,
-                    "outcome": outcome,
-                    "status": status,
-                    "duration_ms": round(seconds * 1000, 1),
-                },
-            )
-            if outcome == "ok":
-                # The common case is written on the loop's next turn, mostly after the answer has left.
-                asyncio.get_running_loop().call_soon(line)
-            else:
-                line()
+            logs.log_upstream_call(logs.UpstreamCall(operation, key.name, outcome, status, seconds * 1000))
 
     def _failed(self, key: KeyConfig) -> None:
         if self.breakers.failure(key.name):
