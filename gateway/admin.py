@@ -6,6 +6,8 @@ Open only with `Authorization: Bearer <admin_token>`; a client token is not an a
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +19,7 @@ from .auth import ANONYMOUS, bearer, identify, matches
 from .config import Config
 from .errors import GatewayError
 from .proxy import CLIENT
-from .reload import ReloadRefused
+from .reload import WORKER_ENV, ReloadRefused
 from .service import TASK_ID_RE, Gateway
 
 routes = web.RouteTableDef()
@@ -180,4 +182,8 @@ async def reload_config(request: web.Request) -> web.Response:
         report = await request.config_dict[RELOADER].reload(request.config_dict[GATEWAY])
     except ReloadRefused as exc:
         raise GatewayError(400, "reload_refused", f"the running config stays: {exc}") from None
+    if os.environ.get(WORKER_ENV):
+        # One of several workers: the supervisor passes a SIGHUP to all of them (this one reloads again,
+        # finding nothing new), so every worker runs the new config.
+        os.kill(os.getppid(), signal.SIGHUP)
     return web.json_response(report.to_json())

@@ -16,6 +16,8 @@ from .service import Gateway
 from .upstream import UpstreamClient
 
 log = logging.getLogger("agnes_gateway.reload")
+#: Set by `serve --workers` in each worker's environment: a reload through the admin API reloads them all.
+WORKER_ENV = "AGNES_GATEWAY_WORKER"
 
 ConfigLoader = Callable[[], Config]
 

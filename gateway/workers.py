@@ -25,6 +25,7 @@ from prometheus_client import multiprocess
 from .app import refuse_open_listener
 from .config import Config
 from .metrics import MULTIPROC_ENV
+from .reload import WORKER_ENV
 
 log = logging.getLogger("agnes_gateway.workers")
 
@@ -52,7 +53,7 @@ class Supervisor:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; the exit status is 0 after a clean stop, 1 if workers could not start."""
         self.directory = directory = tempfile.mkdtemp(prefix="agnes-gateway-metrics-")
-        env = {**os.environ, MULTIPROC_ENV: directory}
+        env = {**os.environ, MULTIPROC_ENV: directory, WORKER_ENV: "1"}
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             self.workers = [self._start(env) for _ in range(self.count)]

@@ -18,6 +18,8 @@ from .conftest import BODY, KEY_A, KEY_B, Upstream
 from .procs import free_port, start, wait_ready
 
 CLIENT_TOKEN = "workers-client-token-0123"
+NEW_TOKEN = "workers-new-client-token-4567"
+ADMIN_TOKEN = "workers-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
 
 
@@ -52,8 +54,8 @@ def requests_counted(exposition: str, route: str) -> float:
 class Workers:
     """The running supervisor, its base URL, and everything it and its workers have printed so far."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, base: str) -> None:
-        self.proc, self.base = proc, base
+    def __init__(self, proc: asyncio.subprocess.Process, base: str, config: Path) -> None:
+        self.proc, self.base, self.config = proc, base, config
         self.output = bytearray()
         self._reading = asyncio.create_task(self._read())
 
@@ -82,6 +84,7 @@ async def two_workers(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Worke
     config.write_text(
         yaml.safe_dump(
             {
+                "admin_token": ADMIN_TOKEN,
                 "listen": {"port": port, "workers": 2},
                 "upstream": {"base_url": upstream.url, "timeout_s": 5},
                 "database": str(tmp_path / "gateway.db"),
@@ -93,7 +96,7 @@ async def two_workers(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Worke
             }
         )
     )
-    running = Workers(await start(["serve", "--config", str(config)]), f"http://127.0.0.1:{port}")
+    running = Workers(await start(["serve", "--config", str(config)]), f"http://127.0.0.1:{port}", config)
     try:
         await wait_ready(f"{running.base}/healthz", running.proc)
         await until(lambda: len(workers_of(running.proc.pid)) == 2)
@@ -164,3 +167,31 @@ async def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
     output = (await asyncio.wait_for(proc.communicate(), timeout=15))[0].decode(errors="replace")
     assert proc.returncode != 0
     assert "listen.port 0 cannot be shared" in output
+
+
+async def test_a_reload_through_the_admin_api_reaches_every_worker(two_workers: Workers) -> None:
+    base = two_workers.base
+    doc = yaml.safe_load(two_workers.config.read_text())
+    doc["clients"].append({"name": "newcomer", "token": NEW_TOKEN})
+    two_workers.config.write_text(yaml.safe_dump(doc))
+
+    async def healthz_as_newcomer() -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base}/v1/videos/unknown-task", headers={"Authorization": f"Bearer {NEW_TOKEN}"}) as r,
+        ):
+            return r.status
+
+    assert set(await asyncio.gather(*(healthz_as_newcomer() for _ in range(10)))) == {401}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r,
+    ):
+        assert r.status == 200, await r.text()
+
+    def reloaded_twice() -> bool:  # the worker that answered, then every worker on the supervisor's SIGHUP
+        return two_workers.output.count(b"config reloaded") >= 3
+
+    await until(reloaded_twice)
+    # Fresh connections, spread over both workers: each knows the new client (404: no key knows the task).
+    assert set(await asyncio.gather(*(healthz_as_newcomer() for _ in range(20)))) == {404}
