@@ -1,4 +1,4 @@
-"""The upstream client: one shared `ClientSession`, and what each answer means for the pool."""
+"""The upstream client: creates and polls with a key over pooled keep-alive connections, and what each answer means."""
 
 from __future__ import annotations
 
