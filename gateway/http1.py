@@ -282,7 +282,9 @@ class Http1Pool:
         connect_timeout_s: float,
         max_answer_bytes: int,
         idle_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context` for https (default: the system's trusted CAs, hostname checked)."""
         url = urlsplit(base_url)
         if url.scheme not in DEFAULT_PORTS or not url.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -294,7 +296,7 @@ class Http1Pool:
         self.idle_s = idle_s
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if self.port == DEFAULT_PORTS[url.scheme] else f"{host}:{self.port}"
-        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._ssl = (ssl_context or ssl.create_default_context()) if url.scheme == "https" else None
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._closed = False

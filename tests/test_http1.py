@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +192,69 @@ async def test_nothing_listening_is_a_failed_connect() -> None:
     pool = Http1Pool(f"http://127.0.0.1:{port}", max_connections=1, connect_timeout_s=1, max_answer_bytes=100)
     with pytest.raises(ConnectFailed):
         await pool.request("GET", "/x")
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for `localhost` and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_with_the_host_name_checked(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+
+    async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b"secure"))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(ok, "127.0.0.1", 0, ssl=server_side)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        pool = Http1Pool(
+            f"https://localhost:{port}",
+            max_connections=1,
+            connect_timeout_s=2,
+            max_answer_bytes=100,
+            ssl_context=trusting,
+        )
+        assert (await pool.request("GET", "/x")).body == b"secure"
+        await pool.close()
+        # The system's CAs do not know this certificate: no answer is read from an unverified server.
+        untrusting = Http1Pool(
+            f"https://localhost:{port}", max_connections=1, connect_timeout_s=2, max_answer_bytes=100
+        )
+        with pytest.raises(ConnectFailed):
+            await untrusting.request("GET", "/x")
+    finally:
+        server.close()
+        await server.wait_closed()
