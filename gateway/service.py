@@ -53,6 +53,8 @@ UNIT_KEPT = frozenset({"upstream_outcome_unknown", "upstream_bad_answer"})
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 UNKNOWN_TASK_MEMORY = 10_000
+#: How often a create waiting for another's Idempotency-Key claim looks again.
+IDEMPOTENCY_RECHECK_S = 0.05
 #: Upstream answers to a poll worth another try on the same key: the upstream's front end, not the task.
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
 TERMINAL_STATUSES = frozenset({"completed", "failed"})
@@ -131,18 +133,49 @@ class Gateway:
         self._idempotent[slot] = (lock, users + 1)
         try:
             async with lock:
-                earlier = await self.store.find_idempotent(client, idempotency_key)
+                earlier = await self._claim(client, idempotency_key)
                 if earlier is not None:
                     log.info("create with a known Idempotency-Key: answering task %s again", earlier.task_id)
                     replay = json.dumps({"task_id": earlier.task_id}).encode()
                     return Created(Answer(200, replay, "application/json", Outcome.OK), earlier, replayed=True)
-                return await self._create(body, content_type, client, request_meta, idempotency_key)
+                try:
+                    return await self._create(body, content_type, client, request_meta, idempotency_key)
+                finally:
+                    await self.store.release_idempotency(client, idempotency_key)
         finally:
             lock, users = self._idempotent[slot]
             if users <= 1:
                 del self._idempotent[slot]
             else:
                 self._idempotent[slot] = (lock, users - 1)
+
+    async def _claim(self, client: str, idempotency_key: str) -> TaskRecord | None:
+        """The task an earlier create with this key made; else None, with this process holding the key's claim.
+
+        Within a process the caller's lock orders creates with one key; the claim in the store orders
+        them across workers and replicas: a create that finds the key claimed waits (bounded) for the
+        other's task, or for the claim to be given up or grow stale (its holder died).
+        """
+        limit_s = self._create_time_limit()
+        for _ in range(math.ceil(limit_s / IDEMPOTENCY_RECHECK_S) + 1):
+            earlier = await self.store.find_idempotent(client, idempotency_key)
+            if earlier is not None:
+                return earlier
+            now = self.clock.now().timestamp()
+            if await self.store.claim_idempotency(client, idempotency_key, now, now - limit_s):
+                return None
+            await self.sleep(IDEMPOTENCY_RECHECK_S)
+        raise GatewayError(
+            409,
+            "idempotency_key_in_use",
+            "another create with this Idempotency-Key is still under way; retry later",
+            retry_after=math.ceil(limit_s),
+        )
+
+    def _create_time_limit(self) -> float:
+        """The longest one create can take: the queue, a connect timeout per key, one whole call, a margin."""
+        upstream, limits = self.config.upstream, self.config.limits
+        return limits.queue_timeout_s + upstream.connect_timeout_s * len(self.config.keys) + upstream.timeout_s + 5.0
 
     async def _create(
         self,

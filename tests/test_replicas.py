@@ -105,6 +105,45 @@ async def test_counts_are_shared_and_never_overshot_together(make_gateway: MakeG
 
 
 @both_backends
+async def test_one_idempotency_key_makes_one_task_across_gateways(
+    make_gateway: MakeGateway, upstream: Upstream
+) -> None:
+    one, two = await pair(make_gateway)
+    upstream.state.add_fault(Fault(kind="hold", operation="create", times=1))
+    same_key = {"Idempotency-Key": "order-42"}
+    first = asyncio.ensure_future(one.create(**same_key))
+    await asyncio.wait_for(upstream.state.until_held(1), 5)  # the first create is upstream, its key claimed
+    second = asyncio.ensure_future(two.create(**same_key))
+    await asyncio.sleep(0.2)  # the second gateway finds the key claimed and waits
+    assert not second.done()
+    assert await upstream.state.release_held() == 1
+    answers = await asyncio.gather(first, second)
+    assert [r.status for r in answers] == [200, 200]
+    ids = [(await r.json())["task_id"] for r in answers]
+    assert ids[0] == ids[1]
+    assert answers[1].headers.get("Idempotent-Replayed") == "true"
+    assert sum(upstream.state.creates.values()) == 1
+    # The claim is given up once the route is recorded: a later create with the key is answered at once.
+    again = await two.create(**same_key)
+    assert (await again.json())["task_id"] == ids[0]
+    assert sum(upstream.state.creates.values()) == 1
+
+
+async def test_a_stale_idempotency_claim_is_taken_over(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "claims.db"))
+    await store.open()
+    try:
+        assert await store.claim_idempotency("team", "k", 1000.0, 900.0)
+        assert not await store.claim_idempotency("team", "k", 1010.0, 910.0)  # held, and fresh
+        assert await store.claim_idempotency("other-team", "k", 1010.0, 910.0)  # keys are per client
+        assert await store.claim_idempotency("team", "k", 1200.0, 1100.0)  # its holder died long ago
+        await store.release_idempotency("team", "k")
+        assert await store.claim_idempotency("team", "k", 1201.0, 1101.0)
+    finally:
+        await store.close()
+
+
+@both_backends
 async def test_a_task_made_through_one_gateway_polls_through_the_other(
     make_gateway: MakeGateway, upstream: Upstream
 ) -> None:

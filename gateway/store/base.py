@@ -122,6 +122,17 @@ class Store(Protocol):
         """The task `client` created with `idempotency_key`, if any."""
         ...
 
+    async def claim_idempotency(self, client: str, idempotency_key: str, now: float, stale_before: float) -> bool:
+        """Take the right to create `client`'s task for `idempotency_key`, for every process sharing the store.
+
+        False while another holds it; a claim made before `stale_before` (its holder died) is taken over.
+        """
+        ...
+
+    async def release_idempotency(self, client: str, idempotency_key: str) -> None:
+        """Give the claim up: the task's route is recorded (later creates find it), or the create failed."""
+        ...
+
     async def list_tasks(
         self, client: str | None, limit: int, before: tuple[float, str] | None = None
     ) -> list[TaskRecord]:

@@ -62,6 +62,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_created_at ON tasks (created_at, task_id);
     CREATE UNIQUE INDEX tasks_idempotency ON tasks (client, idempotency_key) WHERE idempotency_key IS NOT NULL;
     """,
+    """
+    CREATE TABLE idempotency_claims (
+        client TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        claimed_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (client, idempotency_key)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -230,6 +238,23 @@ class PostgresStore:
 
     async def find_idempotent(self, client: str, idempotency_key: str) -> TaskRecord | None:
         return await self._one_task("client = $1 AND idempotency_key = $2", client, idempotency_key)
+
+    async def claim_idempotency(self, client: str, idempotency_key: str, now: float, stale_before: float) -> bool:
+        row = await self.pool.fetchrow(
+            "INSERT INTO idempotency_claims (client, idempotency_key, claimed_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (client, idempotency_key) DO UPDATE SET claimed_at = EXCLUDED.claimed_at "
+            "WHERE idempotency_claims.claimed_at < $4 RETURNING claimed_at",
+            client,
+            idempotency_key,
+            now,
+            stale_before,
+        )
+        return row is not None
+
+    async def release_idempotency(self, client: str, idempotency_key: str) -> None:
+        await self.pool.execute(
+            "DELETE FROM idempotency_claims WHERE client = $1 AND idempotency_key = $2", client, idempotency_key
+        )
 
     async def _one_task(self, where: str, *args: Any) -> TaskRecord | None:
         row = await self.pool.fetchrow(f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where}", *args)

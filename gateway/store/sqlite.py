@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_created_at ON tasks (created_at, task_id);
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS idempotency_claims (
+    client TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    claimed_at REAL NOT NULL,
+    PRIMARY KEY (client, idempotency_key)
+) WITHOUT ROWID;
 """
 
 
@@ -299,6 +305,20 @@ class SQLiteStore:
 
     async def find_idempotent(self, client: str, idempotency_key: str) -> TaskRecord | None:
         return await self._one_task("client = ? AND idempotency_key = ?", (client, idempotency_key))
+
+    async def claim_idempotency(self, client: str, idempotency_key: str, now: float, stale_before: float) -> bool:
+        rows = await self._write(
+            "INSERT INTO idempotency_claims (client, idempotency_key, claimed_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (client, idempotency_key) DO UPDATE SET claimed_at = excluded.claimed_at "
+            "WHERE idempotency_claims.claimed_at < ? RETURNING claimed_at",
+            (client, idempotency_key, now, stale_before),
+        )
+        return bool(rows)
+
+    async def release_idempotency(self, client: str, idempotency_key: str) -> None:
+        await self._write(
+            "DELETE FROM idempotency_claims WHERE client = ? AND idempotency_key = ?", (client, idempotency_key)
+        )
 
     async def _one_task(self, where: str, params: tuple[object, ...]) -> TaskRecord | None:
         rows = await self.db.execute_fetchall(f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where}", params)
