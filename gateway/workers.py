@@ -67,7 +67,10 @@ class Supervisor:
             shutil.rmtree(directory, ignore_errors=True)
 
     def _start(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], float]:
-        return subprocess.Popen(self.command, env=env), time.monotonic()
+        # A SIGHUP passed on while a worker is still starting must not kill it (the default action):
+        # it starts with SIGHUP ignored, until its own handler is installed (it reads the config then anyway).
+        proc = subprocess.Popen(self.command, env=env, preexec_fn=_ignore_hangup)
+        return proc, time.monotonic()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -122,6 +125,10 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         log.info("all workers stopped")
+
+
+def _ignore_hangup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def worker_command(config_path: str | None, config: Config, uvloop: bool) -> list[str]:

@@ -99,7 +99,8 @@ async def two_workers(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Worke
     running = Workers(await start(["serve", "--config", str(config)]), f"http://127.0.0.1:{port}", config)
     try:
         await wait_ready(f"{running.base}/healthz", running.proc)
-        await until(lambda: len(workers_of(running.proc.pid)) == 2)
+        await until(lambda: running.output.count(b"listening on") == 2)  # both workers ready
+        assert len(workers_of(running.proc.pid)) == 2
         yield running
     finally:
         await running.stop()
@@ -195,3 +196,31 @@ async def test_a_reload_through_the_admin_api_reaches_every_worker(two_workers: 
     await until(reloaded_twice)
     # Fresh connections, spread over both workers: each knows the new client (404: no key knows the task).
     assert set(await asyncio.gather(*(healthz_as_newcomer() for _ in range(20)))) == {404}
+
+
+async def test_a_hangup_while_workers_start_kills_none(upstream: Upstream, tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"port": port, "workers": 2},
+                "upstream": {"base_url": upstream.url},
+                "database": str(tmp_path / "gateway.db"),
+                "keys": [{"name": "a", "key": KEY_A}],
+            }
+        )
+    )
+    running = Workers(await start(["serve", "--config", str(config)]), f"http://127.0.0.1:{port}", config)
+    try:
+        await until(lambda: len(workers_of(running.proc.pid)) == 2)
+        for _ in range(200):  # SIGHUPs passed on while the workers import, open the store, bind
+            running.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.01)
+            if running.output.count(b"listening on") == 2:
+                break
+        await until(lambda: running.output.count(b"listening on") == 2)
+    finally:
+        output = await running.stop()
+    assert "exited with" not in output
+    assert "all workers stopped" in output
