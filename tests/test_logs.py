@@ -1,4 +1,4 @@
-"""Logs as an operator reads them: request ids, one line per request and per upstream call, key state changes."""
+"""Logs as an operator reads them: request ids, a line per request with its upstream call, refusals, key states."""
 
 from __future__ import annotations
 
