@@ -199,7 +199,8 @@ def _check_config(args: argparse.Namespace) -> int:
     path = _config_path(args.file)
     config = load_config(path)
     print(f"{config.source}: OK")
-    print(f"  listen    {config.listen.host}:{config.listen.port}")
+    workers = f" ({config.listen.workers} workers)" if config.listen.workers > 1 else ""
+    print(f"  listen    {config.listen.host}:{config.listen.port}{workers}")
     print(f"  upstream  {config.upstream.base_url}")
     print(f"  database  {mask_password(config.database)}")
     print(f"  quota day starts {config.schedule.reset:%H:%M} {config.schedule.tz.key}")

@@ -239,3 +239,11 @@ def test_poll_and_retention_defaults_and_overrides() -> None:
     )
     assert (config.poll.freshness_s, config.poll.terminal_cache) == (0.0, False)
     assert (config.retention.days, config.retention.interval_s, config.retention.batch) == (0.0, 60.0, 50)
+
+
+def test_listen_workers_default_to_one_and_must_be_whole() -> None:
+    assert parse({"keys": KEYS}).listen.workers == 1
+    assert parse({"keys": KEYS, "listen": {"workers": 4}}).listen.workers == 4
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ConfigError, match=r"listen\.workers"):
+            parse({"keys": KEYS, "listen": {"workers": bad}})
