@@ -136,7 +136,7 @@ class _Connection(asyncio.Protocol):
                 if self._drained is not None:
                     await self._drained
             if waiter.done():
-                self._keep_alive = False  # answered before the whole body was sent: do not reuse
+                self.reusable = False  # answered before the whole body was sent: the rest is unread
         answer = await waiter
         self.used += 1
         return answer
