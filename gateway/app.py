@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import logs
 from .admin import create_admin_app
@@ -25,7 +26,7 @@ from .metrics import UNMATCHED_ROUTE, GatewayMetrics, create_metrics_app, metric
 from .openai_api import PREFIX as OPENAI_PREFIX
 from .openai_api import create_openai_app
 from .pool import LOCAL_REFRESH_S, SHARED_REFRESH_S, KeyPool
-from .proxy import CLIENT, KEY_NAME, answer_response, routes
+from .proxy import CLIENT, KEY_NAME, REQUEST_ID, REQUEST_ID_HEADER, answer_response, routes, send_request_id
 from .reload import ConfigLoader, Reloader, reload_on_hangup
 from .retention import Retention
 from .service import Gateway, PassThrough
@@ -37,8 +38,6 @@ access_log = logging.getLogger("agnes_gateway.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AUTHENTICATED_PREFIXES = ("/v1/",)
-REQUEST_ID_HEADER = "X-Request-ID"
-REQUEST_ID = "agnes_request_id"  # request key: this request's id
 #: Probes and scrapes arrive every few seconds: their access lines are DEBUG, their metrics still count.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 #: Status logged and counted when the client went away before the answer (as nginx does).
@@ -64,13 +63,12 @@ def create_app(
     metrics = GatewayMetrics()
     app = web.Application(
         client_max_size=config.limits.max_body_bytes,
-        middlewares=[_observe],
+        middlewares=[observe(metrics)],
     )
     app[METRICS] = metrics
     app.router.add_routes(routes)
     if config.metrics.port is None:
         app.router.add_get("/metrics", metrics_handler(metrics, config.metrics.token))
-    app.on_response_prepare.append(_send_request_id)
     app[RELOADER] = Reloader(reload_config)
     app.add_subapp("/admin", create_admin_app())
 
@@ -109,54 +107,63 @@ def route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else UNMATCHED_ROUTE
 
 
-@web.middleware
-async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per request: its id, one access line (method, route, status, client, key, duration) and its metrics."""
-    rid = logs.accept_request_id(request.headers.get(REQUEST_ID_HEADER))
-    request[REQUEST_ID] = rid
-    token = logs.request_id.set(rid)
-    held = logs.HeldCalls()
-    held_token = logs.upstream_calls.set(held)
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await _answer(request, handler)
-        status = response.status
-        return response
-    except web.HTTPException as exc:  # redirects and the like, passed on by `_answer`
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        held.open = False  # calls still running for it (a shared poll, a fetch) log on their own
-        seconds = time.perf_counter() - started
-        route = route_label(request)
-        request.config_dict[METRICS].request(route, status, seconds)
-        level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
-        calls = held.calls
-        folded = calls[0] if len(calls) == 1 and access_log.isEnabledFor(level) else None
-        loop = asyncio.get_running_loop()
-        if folded is None:
-            for call in calls:
-                loop.call_soon(call.log)
-        if access_log.isEnabledFor(level):
-            # Written just after the answer leaves (next turn of the loop): the client does not wait for it.
-            loop.call_soon(
-                _access_line,
-                level,
-                rid,
-                request.method,
-                route,
-                status,
-                request.get(CLIENT),
-                request.get(KEY_NAME),
-                seconds * 1000,
-                folded,
-            )
-        logs.upstream_calls.reset(held_token)
-        logs.request_id.reset(token)
+def observe(metrics: GatewayMetrics) -> Middleware:
+    """The gateway's one middleware (each layer costs every request a few microseconds)."""
+
+    @web.middleware
+    async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Per request: its id (on the answer too), one access line, its metrics."""
+        rid = logs.accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        request[REQUEST_ID] = rid
+        token = logs.request_id.set(rid)
+        held = logs.HeldCalls()
+        held_token = logs.upstream_calls.set(held)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await _answer(request, handler)
+            status = response.status
+            if not response.prepared:  # one streamed by its handler sent the id itself (`send_request_id`)
+                response.headers[REQUEST_ID_HEADER] = rid
+            return response
+        except web.HTTPException as exc:  # redirects and the like, passed on by `_answer`
+            status = exc.status
+            exc.headers[REQUEST_ID_HEADER] = rid
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            held.open = False  # calls still running for it (a shared poll, a fetch) log on their own
+            seconds = time.perf_counter() - started
+            route = route_label(request)
+            metrics.request(route, status, seconds)
+            level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+            calls = held.calls
+            enabled = access_log.isEnabledFor(level)
+            folded = calls[0] if len(calls) == 1 and enabled else None
+            loop = asyncio.get_running_loop()
+            if folded is None:
+                for call in calls:
+                    loop.call_soon(call.log)
+            if enabled:
+                # Written just after the answer leaves (next turn of the loop): the client does not wait for it.
+                loop.call_soon(
+                    _access_line,
+                    level,
+                    rid,
+                    request.method,
+                    route,
+                    status,
+                    request.get(CLIENT),
+                    request.get(KEY_NAME),
+                    seconds * 1000,
+                    folded,
+                )
+            logs.upstream_calls.reset(held_token)
+            logs.request_id.reset(token)
+
+    return _observe
 
 
 def _access_line(
@@ -171,7 +178,7 @@ def _access_line(
     call: logs.UpstreamCall | None,
 ) -> None:
     """The request's line; with its one upstream call's operation, outcome, status and time when it made one."""
-    fields = {
+    fields: dict[str, object] = {
         "request_id": rid,
         "method": method,
         "route": route,
@@ -180,25 +187,14 @@ def _access_line(
         "key": key,
         "duration_ms": round(ms, 1),
     }
-    message = "%s %s %d client=%s key=%s %.1fms"
-    args: list[object] = [method, route, status, client or "-", key or "-", ms]
+    message = f"{method} {route} {status} client={client or '-'} key={key or '-'} {ms:.1f}ms"
     if call is not None:
-        message += " upstream=%s %s %.1fms"
-        args += [call.outcome, "-" if call.status is None else call.status, call.duration_ms]
-        fields |= {
-            "operation": call.operation,
-            "outcome": call.outcome,
-            "upstream_status": call.status,
-            "upstream_ms": round(call.duration_ms, 1),
-        }
-    access_log.log(level, message, *args, extra=fields)
-
-
-async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer carries the request's id, so a client can quote it when asking about a request."""
-    rid = request.get(REQUEST_ID)
-    if isinstance(rid, str):
-        response.headers[REQUEST_ID_HEADER] = rid
+        message += f" upstream={call.outcome} {'-' if call.status is None else call.status} {call.duration_ms:.1f}ms"
+        fields["operation"] = call.operation
+        fields["outcome"] = call.outcome
+        fields["upstream_status"] = call.status
+        fields["upstream_ms"] = round(call.duration_ms, 1)
+    logs.log_line(access_log, level, message, fields)
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -239,6 +235,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _answer_and_hang_up(request: web.Request, response: web.Response) -> web.Response:
     """Send `response`, then close the connection: the rest of a slow or oversized body is not worth reading."""
     response.force_close()
+    send_request_id(request, response)
     await response.prepare(request)
     await response.write_eof()
     if request.transport is not None:

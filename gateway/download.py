@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .appkeys import GATEWAY
 from .errors import GatewayError
-from .proxy import KEY_NAME
+from .proxy import KEY_NAME, send_request_id
 from .service import TASK_ID_RE, Gateway, PassThrough
 from .upstream import Outcome
 
@@ -120,6 +120,7 @@ class VideoFiles:
                     raise _unavailable(source.status)
                 response = web.StreamResponse(status=source.status, headers=_pick(source.headers, RELAYED_HEADERS))
                 response.headers.setdefault("Content-Type", "video/mp4")
+                send_request_id(request, response)
                 await response.prepare(request)
                 try:
                     async for chunk in source.content.iter_chunked(CHUNK_BYTES):

@@ -21,6 +21,8 @@ routes = web.RouteTableDef()
 
 CLIENT = "agnes_client"  # request key: the authenticated client's name
 KEY_NAME = "agnes_key"  # request key: the upstream key that served the request, for logs
+REQUEST_ID = "agnes_request_id"  # request key: this request's id
+REQUEST_ID_HEADER = "X-Request-ID"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 
@@ -28,6 +30,13 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 def answer_response(answer: Answer) -> web.Response:
     """Upstream's answer, status and body unchanged."""
     return web.Response(status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type})
+
+
+def send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Put the request's id on an answer its handler prepares (streams) itself; the middleware does the rest."""
+    rid = request.get(REQUEST_ID)
+    if isinstance(rid, str):
+        response.headers[REQUEST_ID_HEADER] = rid
 
 
 def json_create_body(body: bytes, content_type: str) -> dict[str, Any]:

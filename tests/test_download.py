@@ -30,9 +30,10 @@ async def finished_task(gw: Running, clock: ManualClock, prompt: str = "A cat") 
 
 async def test_content_streams_the_finished_video(gw: Running, upstream: Upstream, clock: ManualClock) -> None:
     task_id = await finished_task(gw, clock)
-    resp = await gw.client.get(f"/v1/videos/{task_id}/content")
+    resp = await gw.client.get(f"/v1/videos/{task_id}/content", headers={"X-Request-ID": "dl-1"})
     assert resp.status == 200
     assert resp.headers["Content-Type"] == "video/mp4"
+    assert resp.headers["X-Request-ID"] == "dl-1"  # streamed by its handler, it still carries the id
     assert resp.headers["Content-Length"] == str(upstream.state.config.video_bytes)
     assert await resp.read() == upstream.state.video()
 
@@ -126,9 +127,10 @@ async def test_archive_downloads_once_atomically_and_serves_from_disk(
 
     # Served from disk from now on, even once upstream no longer has it; Range works there too.
     del upstream.state.tasks[task_id]
-    resp = await gw.client.get(f"/v1/videos/{task_id}/content", headers={"Range": "bytes=0-7"})
+    resp = await gw.client.get(f"/v1/videos/{task_id}/content", headers={"Range": "bytes=0-7", "X-Request-ID": "dl-2"})
     assert (resp.status, await resp.read()) == (206, upstream.state.video()[:8])
     assert resp.headers["Content-Type"] == "video/mp4"
+    assert resp.headers["X-Request-ID"] == "dl-2"
     assert upstream.state.downloads[task_id] == 1
 
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from gateway import logs as gateway_logs
 from gateway.clock import ManualClock
 from gateway.config import Config
-from gateway.logs import accept_request_id, setup_logging
+from gateway.logs import accept_request_id, log_line, setup_logging
 from gateway.simulator import Fault
 
 from .conftest import KEY_A, KEY_B, KEY_C, TOKEN, Running, Upstream
@@ -135,6 +136,38 @@ async def test_text_lines_show_the_same_fields(make_gateway: MakeGateway, captur
     )
     # Its one upstream call is on that line, not on one of its own.
     assert "agnes_gateway.upstream" not in logs.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_lines_written_directly_read_as_the_logging_module_writes_them(
+    make_gateway: MakeGateway, capture: Capture, fmt: str
+) -> None:
+    """`log_line` skips the logging machinery while only the gateway's handler listens; the bytes are the same."""
+    gw = await make_gateway(clients=[{"name": "team-a", "token": TOKEN}], log={"format": fmt})
+    stream = capture(gw.config)
+    logger = logging.getLogger("agnes_gateway.access")
+    fields: dict[str, object] = {"request_id": "r-9", "method": "GET", "status": 200, "key": None, "duration_ms": 1.5}
+    installed = gateway_logs._installed
+    assert installed is not None and installed.alone_on(logger, logging.INFO)
+    log_line(logger, logging.INFO, "GET /x 200 %s\nsecond line", dict(fields))
+    other = logging.NullHandler()  # anything else listening: the line takes the usual way
+    logging.getLogger().addHandler(other)
+    try:
+        assert not installed.alone_on(logger, logging.INFO)
+        log_line(logger, logging.INFO, "GET /x 200 %s\nsecond line", dict(fields))
+    finally:
+        logging.getLogger().removeHandler(other)
+    text = stream.getvalue()
+    if fmt == "json":
+        direct, usual = ({k: v for k, v in json.loads(line).items() if k != "time"} for line in text.splitlines())
+        assert direct == usual
+        assert direct["message"] == "GET /x 200 %s\nsecond line" and direct["request_id"] == "r-9"
+    else:
+        lines = text.splitlines()
+        assert len(lines) == 4
+        stamp = len("2026-01-01 00:00:00,000")
+        assert lines[0][stamp:] == lines[2][stamp:] == " INFO agnes_gateway.access: GET /x 200 %s request_id=r-9"
+        assert lines[1] == lines[3] == "second line"
 
 
 async def test_probe_and_scrape_lines_are_debug_only(make_gateway: MakeGateway, capture: Capture) -> None:
