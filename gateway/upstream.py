@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ class UpstreamClient:
             max_connections=config.max_connections,
             connect_timeout_s=config.connect_timeout_s,
             max_answer_bytes=MAX_ANSWER_BYTES,
+            timeout_s=config.timeout_s,
             idle_s=IDLE_S,
         )
         self._quota_re = re.compile(config.quota_pattern)
@@ -131,8 +131,7 @@ class UpstreamClient:
         body: bytes | AsyncIterator[bytes] | None,
     ) -> Answer:
         try:
-            async with asyncio.timeout(self.config.timeout_s):
-                answer = await self.http.request(method, path, headers, body)
+            answer = await self.http.request(method, path, headers, body)
         except ConnectFailed as exc:
             raise UpstreamUnreachable(str(exc)) from None
         except TimeoutError:

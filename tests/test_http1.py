@@ -161,6 +161,58 @@ async def test_a_request_given_up_leaves_no_answer_behind(
     assert server.connections == 2
 
 
+async def test_the_pool_bounds_each_request_waiting_for_a_connection_included(serve: Serve) -> None:
+    async def stuck_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+        if n == 1:
+            await asyncio.sleep(10)
+        writer.write(answer(b"answer %d" % n))
+        return True
+
+    server = Server(stuck_first)
+    port = await server.start()
+    pool = Http1Pool(
+        f"http://127.0.0.1:{port}", max_connections=1, connect_timeout_s=2, max_answer_bytes=100, timeout_s=0.3
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # The second request waits for the only connection, which the first holds until its time is up.
+        first, second = await asyncio.gather(
+            pool.request("GET", "/x"), pool.request("GET", "/y"), return_exceptions=True
+        )
+        assert isinstance(first, TimeoutError) and isinstance(second, TimeoutError)
+        assert 0.3 <= loop.time() - started < 1.5
+        assert (await pool.request("GET", "/z")).body == b"answer 2"  # a new connection, no late answer
+        assert server.connections == 2
+    finally:
+        await pool.close()
+        await server.close()
+
+
+async def test_a_body_nobody_reads_times_out_too() -> None:
+    async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+
+    server = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Http1Pool(
+        f"http://127.0.0.1:{port}", max_connections=1, connect_timeout_s=2, max_answer_bytes=100, timeout_s=0.3
+    )
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(256):  # 256 MiB: far more than the socket buffers hold
+            yield bytes(1 << 20)
+
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/v1/videos", [("Content-Length", str(256 << 20))], body())
+        assert asyncio.get_running_loop().time() - started < 1.5
+    finally:
+        await pool.close()
+        server.close()
+
+
 async def test_connection_close_is_honoured(serve: Serve) -> None:
     async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         writer.write(answer(b"bye", headers="Connection: close\r\n"))
