@@ -123,14 +123,11 @@ class RedactSecrets(logging.Filter):
 
     def _set_values(self, values: set[str]) -> None:
         self.values = sorted(values, key=len, reverse=True)
-        # One regular expression finds any of them in a single pass: this runs for every line logged.
-        self._find = re.compile("|".join(map(re.escape, self.values))).search if self.values else None
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         record.msg, record.args = message, None  # formatted once, here: the formatter reuses it
-        find = self._find
-        if find is None:
+        if not self.values:
             return True
         if record.exc_info and not record.exc_text:
             # A traceback can quote request bytes (a bad header line with a token in it): scrub it too.
@@ -138,21 +135,28 @@ class RedactSecrets(logging.Filter):
         fields = record.__dict__
         texts = [message, record.exc_text or ""]
         texts += [value for name in FIELDS if isinstance(value := fields.get(name), str)]
-        # One search over everything (no secret holds a NUL): the common line has nothing to scrub.
-        if not find("\0".join(texts)):
+        # One look over everything (no secret holds a NUL): the common line has nothing to scrub.
+        if self.clean("\0".join(texts)):
             return True
         record.msg = self._scrub(message)
         for name in FIELDS:
             value = fields.get(name)
-            if isinstance(value, str) and find(value):
+            if isinstance(value, str) and not self.clean(value):
                 fields[name] = self._scrub(value)
         if record.exc_text:
             record.exc_text = self._scrub(record.exc_text)
         return True
 
     def clean(self, text: str) -> bool:
-        """True when `text` holds no secret."""
-        return self._find is None or not self._find(text)
+        """True when `text` holds no secret.
+
+        A substring test per secret: for the few secrets of a config, several times faster than one
+        regular expression of alternatives, which tries every one at every position.
+        """
+        for value in self.values:  # noqa: SIM110 - a loop: all() over a generator takes twice as long here
+            if value in text:
+                return False
+        return True
 
     def _scrub(self, text: str) -> str:
         for value in self.values:
