@@ -448,6 +448,7 @@ class Http1Pool:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
-        if self._sweeper is not None:
+        # Requests still awaiting answers keep their time limit: the sweeper stops once they are done.
+        if self._sweeper is not None and not self._awaiting:
             self._sweeper.cancel()
             self._sweeper = None

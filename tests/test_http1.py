@@ -189,6 +189,32 @@ async def test_the_pool_bounds_each_request_waiting_for_a_connection_included(se
         await server.close()
 
 
+async def test_a_request_in_flight_when_the_pool_closes_still_times_out(serve: Serve) -> None:
+    """A reload closes the replaced client while its calls run: they keep their time limit."""
+
+    arrived = asyncio.Event()
+
+    async def stuck(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+        arrived.set()
+        await asyncio.sleep(10)
+        return False
+
+    server = Server(stuck)
+    port = await server.start()
+    pool = Http1Pool(
+        f"http://127.0.0.1:{port}", max_connections=1, connect_timeout_s=2, max_answer_bytes=100, timeout_s=0.3
+    )
+    try:
+        call = asyncio.create_task(pool.request("GET", "/x"))
+        await arrived.wait()
+        await pool.close()
+        with pytest.raises(TimeoutError, match=r"no answer within 0\.3 s"):  # the pool's, not the test's own
+            async with asyncio.timeout(2):
+                await call
+    finally:
+        await server.close()
+
+
 async def test_a_body_nobody_reads_times_out_too() -> None:
     async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(10)
