@@ -219,6 +219,7 @@ class GatewayMetrics(Events):
         # Labelled children looked up once per label set, not on every request (labels are few and fixed).
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._upstream_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._created_children: dict[tuple[str, str], Counter] = {}
         for reason in ("quota", "rate_limit", "auth", "error"):
             self.failovers.labels(reason)  # present at 0 from the start, so rate() sees the first one
         self.pool = PoolCollector()
@@ -268,7 +269,10 @@ class GatewayMetrics(Events):
         self.exhausted_rejections.inc()
 
     def task_created(self, key: str, client: str) -> None:
-        self.tasks_created.labels(key, client).inc()
+        child = self._created_children.get((key, client))
+        if child is None:
+            child = self._created_children[(key, client)] = self.tasks_created.labels(key, client)
+        child.inc()
 
     def overloaded(self) -> None:
         self.overload_rejections.inc()
