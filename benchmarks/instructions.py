@@ -11,7 +11,9 @@ switched on only around the measured requests (after a warm-up), and only that s
 instructions are counted (not the kernel's: a socket write is the same for every target).
 
 Per workload (8 keep-alive connections, `--requests` each): the simulator answering directly (the
-baseline), the gateway in front of it and, for running polls, the minimal aiohttp pass-through proxy.
+baseline), the gateway in front of it and, for running polls, the minimal aiohttp pass-through proxy;
+for completed polls also a bare aiohttp application answering a fixed body (`aiohttp app`: what any
+aiohttp server costs per request).
 Needs Debian's valgrind. Takes a few minutes: programs run ~50 times slower under callgrind.
 """
 
@@ -29,6 +31,8 @@ import aiohttp
 import run as bench
 
 CONNECTIONS = 8
+FIXED_APP = "aiohttp app"
+FIXED_BODY = b'{"task_id": "t", "status": "completed", "progress": 100, "video_url": "http://127.0.0.1/v.mp4"}'
 
 
 class Counted:
@@ -119,6 +123,26 @@ def passthrough(tmp: Path, upstream_port: int) -> tuple[Counted, int]:
     return server, port
 
 
+def fixed_app(tmp: Path) -> tuple[Counted, int]:
+    port = bench.free_port()
+    server = Counted(f"fixed-{port}", [sys.executable, __file__, "--serve-fixed", str(port)], tmp)
+    bench.wait_ready(f"http://127.0.0.1:{port}/v1/videos/ready", server.proc, within_s=180)
+    return server, port
+
+
+def serve_fixed(port: int) -> None:
+    """A bare aiohttp application on uvloop: one route, a fixed JSON answer, no access log."""
+    import uvloop
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=FIXED_BODY, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/videos/{task_id}", answer)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop())
+
+
 def requests_in(listing: Path) -> list[Request]:
     """A poll list of run.py: a path and an Authorization header per line."""
     return [
@@ -140,7 +164,11 @@ def main() -> int:
     parser.add_argument(
         "--only", action="append", choices=("completed", "running", "creates"), help="measure only these workloads"
     )
+    parser.add_argument("--serve-fixed", type=int, help=argparse.SUPPRESS)  # the `aiohttp app` target itself
     args = parser.parse_args()
+    if args.serve_fixed:
+        serve_fixed(args.serve_fixed)
+        return 0
     parts = set(args.only or ("completed", "running", "creates"))
     bench.GATEWAY_SOURCE = args.gateway_src.resolve()
     count = args.requests
@@ -167,6 +195,10 @@ def main() -> int:
                         proxy, proxy_port = passthrough(tmp, sim_port)
                         servers.append(proxy)
                         figures[bench.PASSTHROUGH] = per_request(proxy, proxy_port, requests_in(direct), count)
+                    else:
+                        fixed, fixed_port = fixed_app(tmp)
+                        servers.append(fixed)
+                        figures[FIXED_APP] = per_request(fixed, fixed_port, requests_in(direct), count)
                     report(workload, figures)
                 if running and "creates" in parts:
                     direct_create = [("/v1/videos", f"Bearer {bench.DIRECT_KEY}")]
