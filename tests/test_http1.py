@@ -9,13 +9,14 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.http1 import ConnectFailed, ConnectionBroken, Http1Pool
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
-Serve = Callable[[Script], Awaitable[tuple["Server", Http1Pool]]]
+Serve = Callable[..., Awaitable[tuple["Server", Http1Pool]]]  # (script, **pool options)
 
 
 class Server:
@@ -66,10 +67,11 @@ def answer(body: bytes, *, status: str = "200 OK", headers: str = "") -> bytes:
 async def serve() -> AsyncIterator[Serve]:
     made: list[tuple[Server, Http1Pool]] = []
 
-    async def make(script: Script) -> tuple[Server, Http1Pool]:
+    async def make(script: Script, **options: Any) -> tuple[Server, Http1Pool]:
         server = Server(script)
         port = await server.start()
-        pool = Http1Pool(f"http://127.0.0.1:{port}/api", max_connections=4, connect_timeout_s=2, max_answer_bytes=1000)
+        options = {"max_connections": 4, "connect_timeout_s": 2, "max_answer_bytes": 1000, **options}
+        pool = Http1Pool(f"http://127.0.0.1:{port}/api", **options)
         made.append((server, pool))
         return server, pool
 
@@ -168,25 +170,15 @@ async def test_the_pool_bounds_each_request_waiting_for_a_connection_included(se
         writer.write(answer(b"answer %d" % n))
         return True
 
-    server = Server(stuck_first)
-    port = await server.start()
-    pool = Http1Pool(
-        f"http://127.0.0.1:{port}", max_connections=1, connect_timeout_s=2, max_answer_bytes=100, timeout_s=0.3
-    )
-    try:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        # The second request waits for the only connection, which the first holds until its time is up.
-        first, second = await asyncio.gather(
-            pool.request("GET", "/x"), pool.request("GET", "/y"), return_exceptions=True
-        )
-        assert isinstance(first, TimeoutError) and isinstance(second, TimeoutError)
-        assert 0.3 <= loop.time() - started < 1.5
-        assert (await pool.request("GET", "/z")).body == b"answer 2"  # a new connection, no late answer
-        assert server.connections == 2
-    finally:
-        await pool.close()
-        await server.close()
+    server, pool = await serve(stuck_first, max_connections=1, timeout_s=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # The second request waits for the only connection, which the first holds until its time is up.
+    first, second = await asyncio.gather(pool.request("GET", "/x"), pool.request("GET", "/y"), return_exceptions=True)
+    assert isinstance(first, TimeoutError) and isinstance(second, TimeoutError)
+    assert 0.3 <= loop.time() - started < 1.5
+    assert (await pool.request("GET", "/z")).body == b"answer 2"  # a new connection, no late answer
+    assert server.connections == 2
 
 
 async def test_a_request_in_flight_when_the_pool_closes_still_times_out(serve: Serve) -> None:
@@ -199,20 +191,13 @@ async def test_a_request_in_flight_when_the_pool_closes_still_times_out(serve: S
         await asyncio.sleep(10)
         return False
 
-    server = Server(stuck)
-    port = await server.start()
-    pool = Http1Pool(
-        f"http://127.0.0.1:{port}", max_connections=1, connect_timeout_s=2, max_answer_bytes=100, timeout_s=0.3
-    )
-    try:
-        call = asyncio.create_task(pool.request("GET", "/x"))
-        await arrived.wait()
-        await pool.close()
-        with pytest.raises(TimeoutError, match=r"no answer within 0\.3 s"):  # the pool's, not the test's own
-            async with asyncio.timeout(2):
-                await call
-    finally:
-        await server.close()
+    _, pool = await serve(stuck, max_connections=1, timeout_s=0.3)
+    call = asyncio.create_task(pool.request("GET", "/x"))
+    await arrived.wait()
+    await pool.close()
+    with pytest.raises(TimeoutError, match=r"no answer within 0\.3 s"):  # the pool's, not the test's own
+        async with asyncio.timeout(2):
+            await call
 
 
 async def test_a_body_nobody_reads_times_out_too() -> None:
