@@ -35,13 +35,18 @@ FIXED_APP = "aiohttp app"
 FIXED_BODY = b'{"task_id": "t", "status": "completed", "progress": 100, "video_url": "http://127.0.0.1/v.mp4"}'
 
 
-class Counted:
-    """A server process under callgrind, counting only between `start()` and `stop()`."""
+def callgrind(tmp: Path) -> list[str]:
+    """The command prefix that runs a server under callgrind with counting off (see `Counted`)."""
+    out = tmp / "callgrind.%p.out"
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
 
-    def __init__(self, name: str, args: list[str], tmp: Path, cwd: Path = bench.ROOT) -> None:
-        self.out = tmp / f"callgrind-{name}.out"
-        tool = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}"]
-        self.proc = bench.Proc(name, [*tool, *args], tmp / f"{name}.log", cwd=cwd)
+
+class Counted:
+    """A server process started under `callgrind(tmp)`, counting only between `start()` and `stop()`."""
+
+    def __init__(self, proc: bench.Proc, tmp: Path) -> None:
+        self.proc = proc
+        self.out = tmp / f"callgrind.{proc.pid}.out"  # valgrind runs the program in its own process
 
     def _control(self, *flags: str) -> None:
         subprocess.run(["callgrind_control", *flags, str(self.proc.pid)], check=True, capture_output=True, timeout=60)
@@ -97,37 +102,12 @@ def per_request(server: Counted, port: int, requests: list[Request], count: int,
     return server.stop() / count
 
 
-def simulator(tmp: Path, task_seconds: float) -> tuple[Counted, int]:
-    port = bench.free_port()
-    keys = [a for k in (*bench.GATEWAY_KEYS, bench.DIRECT_KEY) for a in ("--key", k)]
-    args = bench.python_cmd("simulate", "--uvloop", "--port", str(port), "--task-seconds", str(task_seconds), *keys)
-    server = Counted(f"simulator-{port}", args, tmp)
-    bench.wait_ready(f"http://127.0.0.1:{port}/_sim/stats", server.proc, within_s=180)
-    return server, port
-
-
-def gateway(tmp: Path, upstream_port: int, database: Path, src: Path, **sections: object) -> tuple[Counted, int]:
-    port = bench.free_port()
-    config = bench.gateway_config(tmp, port, upstream_port, database, **sections)
-    server = Counted(f"gateway-{port}", bench.python_cmd("serve", "--config", str(config), "--uvloop"), tmp, cwd=src)
-    bench.wait_ready(f"http://127.0.0.1:{port}/healthz", server.proc, within_s=180)
-    return server, port
-
-
-def passthrough(tmp: Path, upstream_port: int) -> tuple[Counted, int]:
-    port = bench.free_port()
-    script = Path(__file__).resolve().with_name("passthrough.py")
-    args = [sys.executable, str(script), "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
-    server = Counted(f"passthrough-{port}", args, tmp)
-    bench.wait_ready(f"http://127.0.0.1:{port}/_sim/stats", server.proc, within_s=180)
-    return server, port
-
-
 def fixed_app(tmp: Path) -> tuple[Counted, int]:
     port = bench.free_port()
-    server = Counted(f"fixed-{port}", [sys.executable, __file__, "--serve-fixed", str(port)], tmp)
-    bench.wait_ready(f"http://127.0.0.1:{port}/v1/videos/ready", server.proc, within_s=180)
-    return server, port
+    args = [*callgrind(tmp), sys.executable, __file__, "--serve-fixed", str(port)]
+    proc = bench.Proc(f"fixed:{port}", args, tmp / f"fixed-{port}.log")
+    bench.wait_ready(f"http://127.0.0.1:{port}/v1/videos/ready", proc, bench.SLOW_START_S)
+    return Counted(proc, tmp), port
 
 
 def serve_fixed(port: int) -> None:
@@ -180,10 +160,15 @@ def main() -> int:
             running = task_seconds > 0
             if not parts & ({"running", "creates"} if running else {"completed"}):
                 continue
-            sim, sim_port = simulator(tmp, task_seconds)
+            sim_proc, sim_port = bench.start_simulator(tmp, task_seconds, prefix=callgrind(tmp))
+            sim = Counted(sim_proc, tmp)
+            servers = [sim]
             sections = {"poll": {"freshness_s": 0}} if running else {}
-            gw, gw_port = gateway(tmp, sim_port, tmp / f"{sim_port}.db", bench.GATEWAY_SOURCE, **sections)
-            servers = [sim, gw]
+            gw_proc, gw_port = bench.start_gateway(
+                tmp, sim_port, tmp / f"{sim_port}.db", uvloop=True, prefix=callgrind(tmp), **sections
+            )
+            gw = Counted(gw_proc, tmp)
+            servers.append(gw)
             try:
                 if ("running" if running else "completed") in parts:
                     direct, via = bench.make_poll_lists(tmp, gw_port, tmp / f"{sim_port}.db", 200, str(sim_port))
@@ -192,7 +177,8 @@ def main() -> int:
                         bench.GATEWAY: per_request(gw, gw_port, requests_in(via), count),
                     }
                     if running:
-                        proxy, proxy_port = passthrough(tmp, sim_port)
+                        proxy_proc, proxy_port = bench.start_passthrough(tmp, sim_port, prefix=callgrind(tmp))
+                        proxy = Counted(proxy_proc, tmp)
                         servers.append(proxy)
                         figures[bench.PASSTHROUGH] = per_request(proxy, proxy_port, requests_in(direct), count)
                     else:

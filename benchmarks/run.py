@@ -138,12 +138,21 @@ def python_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway", *args]
 
 
-def start_simulator(tmp: Path, task_seconds: float) -> tuple[Proc, int]:
+# The start_* functions take `prefix`: a command the process runs under (valgrind, for instructions.py),
+# which then also has longer to start.
+SLOW_START_S = 180.0
+
+
+def _ready_within(prefix: Sequence[str]) -> float:
+    return SLOW_START_S if prefix else 30.0
+
+
+def start_simulator(tmp: Path, task_seconds: float, prefix: Sequence[str] = ()) -> tuple[Proc, int]:
     port = free_port()
     keys = [a for k in (*GATEWAY_KEYS, DIRECT_KEY) for a in ("--key", k)]
     args = python_cmd("simulate", "--uvloop", "--port", str(port), "--task-seconds", str(task_seconds), *keys)
-    proc = Proc(f"simulator:{port}", args, tmp / f"simulator-{port}.log")
-    wait_ready(f"http://127.0.0.1:{port}/_sim/stats", proc)
+    proc = Proc(f"simulator:{port}", [*prefix, *args], tmp / f"simulator-{port}.log")
+    wait_ready(f"http://127.0.0.1:{port}/_sim/stats", proc, _ready_within(prefix))
     return proc, port
 
 
@@ -162,7 +171,9 @@ def gateway_config(tmp: Path, port: int, upstream_port: int, database: Path, **s
     return path
 
 
-def start_gateway(tmp: Path, upstream_port: int, database: Path, *, uvloop: bool, **sections: Any) -> tuple[Proc, int]:
+def start_gateway(
+    tmp: Path, upstream_port: int, database: Path, *, uvloop: bool, prefix: Sequence[str] = (), **sections: Any
+) -> tuple[Proc, int]:
     port = free_port()
     sections = {**sections, **GATEWAY_SECTIONS}
     if '"poll"' not in (GATEWAY_SOURCE / "gateway" / "config.py").read_text():
@@ -170,18 +181,18 @@ def start_gateway(tmp: Path, upstream_port: int, database: Path, *, uvloop: bool
     config = gateway_config(tmp, port, upstream_port, database, **sections)
     workers = ["--workers", str(GATEWAY_WORKERS)] if GATEWAY_WORKERS > 1 else []
     args = python_cmd("serve", "--config", str(config), *workers, *(["--uvloop"] if uvloop else []))
-    proc = Proc(f"gateway:{port}", args, tmp / f"gateway-{port}.log", cwd=GATEWAY_SOURCE)
-    wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
+    proc = Proc(f"gateway:{port}", [*prefix, *args], tmp / f"gateway-{port}.log", cwd=GATEWAY_SOURCE)
+    wait_ready(f"http://127.0.0.1:{port}/healthz", proc, _ready_within(prefix))
     return proc, port
 
 
-def start_passthrough(tmp: Path, upstream_port: int) -> tuple[Proc, int]:
+def start_passthrough(tmp: Path, upstream_port: int, prefix: Sequence[str] = ()) -> tuple[Proc, int]:
     """The minimal aiohttp pass-through proxy (benchmarks/passthrough.py), on uvloop."""
     port = free_port()
     script = Path(__file__).resolve().with_name("passthrough.py")
     args = [sys.executable, str(script), "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
-    proc = Proc(f"passthrough:{port}", args, tmp / f"passthrough-{port}.log")
-    wait_ready(f"http://127.0.0.1:{port}/_sim/stats", proc)
+    proc = Proc(f"passthrough:{port}", [*prefix, *args], tmp / f"passthrough-{port}.log")
+    wait_ready(f"http://127.0.0.1:{port}/_sim/stats", proc, _ready_within(prefix))
     return proc, port
 
 
