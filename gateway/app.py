@@ -23,6 +23,7 @@ from .download import routes as download_routes
 from .download import video_files
 from .errors import GatewayError, error_response
 from .metrics import UNMATCHED_ROUTE, GatewayMetrics, create_metrics_app, metrics_handler
+from .observe import CLIENT_CLOSED, answered
 from .openai_api import PREFIX as OPENAI_PREFIX
 from .openai_api import create_openai_app
 from .pool import LOCAL_REFRESH_S, SHARED_REFRESH_S, KeyPool
@@ -34,14 +35,9 @@ from .store import Store, is_postgres, mask_password, open_store
 from .upstream import UpstreamClient
 
 log = logging.getLogger("agnes_gateway")
-access_log = logging.getLogger("agnes_gateway.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AUTHENTICATED_PREFIXES = ("/v1/",)
-#: Probes and scrapes arrive every few seconds: their access lines are DEBUG, their metrics still count.
-QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
-#: Status logged and counted when the client went away before the answer (as nginx does).
-CLIENT_CLOSED = 499
 #: Errors about a request body that was not (fully) read: answered, then the connection is closed.
 HANG_UP_STATUSES = frozenset({408, 413})
 
@@ -135,66 +131,21 @@ def observe(metrics: GatewayMetrics) -> Middleware:
             raise
         finally:
             held.open = False  # calls still running for it (a shared poll, a fetch) log on their own
-            seconds = time.perf_counter() - started
-            route = route_label(request)
-            metrics.request(route, status, seconds)
-            level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
-            calls = held.calls
-            enabled = access_log.isEnabledFor(level)
-            folded = calls[0] if len(calls) == 1 and enabled else None
-            loop = asyncio.get_running_loop()
-            if folded is None:
-                for call in calls:
-                    loop.call_soon(call.log)
-            if enabled:
-                # Written just after the answer leaves (next turn of the loop): the client does not wait for it.
-                loop.call_soon(
-                    _access_line,
-                    level,
-                    rid,
-                    request.method,
-                    route,
-                    status,
-                    request.get(CLIENT),
-                    request.get(KEY_NAME),
-                    seconds * 1000,
-                    folded,
-                )
+            answered(
+                metrics,
+                rid=rid,
+                method=request.method,
+                route=route_label(request),
+                status=status,
+                client=request.get(CLIENT),
+                key=request.get(KEY_NAME),
+                seconds=time.perf_counter() - started,
+                calls=held.calls,
+            )
             logs.upstream_calls.reset(held_token)
             logs.request_id.reset(token)
 
     return _observe
-
-
-def _access_line(
-    level: int,
-    rid: str,
-    method: str,
-    route: str,
-    status: int,
-    client: str | None,
-    key: str | None,
-    ms: float,
-    call: logs.UpstreamCall | None,
-) -> None:
-    """The request's line; with its one upstream call's operation, outcome, status and time when it made one."""
-    fields: dict[str, object] = {
-        "request_id": rid,
-        "method": method,
-        "route": route,
-        "status": status,
-        "client": client,
-        "key": key,
-        "duration_ms": round(ms, 1),
-    }
-    message = f"{method} {route} {status} client={client or '-'} key={key or '-'} {ms:.1f}ms"
-    if call is not None:
-        message += f" upstream={call.outcome} {'-' if call.status is None else call.status} {call.duration_ms:.1f}ms"
-        fields["operation"] = call.operation
-        fields["outcome"] = call.outcome
-        fields["upstream_status"] = call.status
-        fields["upstream_ms"] = round(call.duration_ms, 1)
-    logs.log_line(access_log, level, message, fields)
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
