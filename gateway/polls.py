@@ -36,10 +36,8 @@ class PollCoalescer(Generic[T]):
 
     async def share(self, task_id: str, fetch: Callable[[], Awaitable[T]]) -> T:
         """`fetch()`'s result for `task_id`, from a fresh answer or a call already in flight when there is one."""
-        if self._fresh:
-            hit = self._fresh.get(task_id)
-            if hit is not None and hit[0] > self.clock.monotonic():
-                return hit[1]
+        if (hit := self.fresh(task_id)) is not None:
+            return hit
         while (pending := self._inflight.get(task_id)) is not None:
             try:
                 # Shielded: a waiting poll that goes away must not cancel the call the others wait for.
@@ -68,6 +66,14 @@ class PollCoalescer(Generic[T]):
         if self.freshness_s > 0 and self.keep(value):
             self._remember(task_id, value, asked_at + self.freshness_s)
         return value
+
+    def fresh(self, task_id: str) -> T | None:
+        """The answer kept for `task_id` while it is fresh, else None."""
+        if self._fresh:
+            hit = self._fresh.get(task_id)
+            if hit is not None and hit[0] > self.clock.monotonic():
+                return hit[1]
+        return None
 
     def _remember(self, task_id: str, value: T, until: float) -> None:
         now = self.clock.monotonic()

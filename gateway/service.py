@@ -314,10 +314,18 @@ class Gateway:
         task = await self.tasks.get(task_id)
         if task is None:
             return await self.polls.share(task_id, partial(self._discover, task_id))
+        return self.at_hand(task) or await self.poll_known(task)
+
+    def at_hand(self, task: TaskRecord) -> Polled | None:
+        """The answer to a poll of `task` when it needs no upstream call: a final one, or a fresh shared one."""
         if task.terminal_body is not None and self.config.poll.terminal_cache:
             # Completed or failed: the answer can no longer change, so upstream is not asked again.
             return Polled(Answer(200, task.terminal_body, "application/json", Outcome.OK), task)
-        return await self.polls.share(task_id, partial(self._poll_known, task))
+        return self.polls.fresh(task.task_id)
+
+    async def poll_known(self, task: TaskRecord) -> Polled:
+        """Poll a task whose route is known, sharing the upstream call with concurrent polls of it."""
+        return await self.polls.share(task.task_id, partial(self._poll_known, task))
 
     async def _poll_known(self, task: TaskRecord) -> Polled:
         """Ask upstream with the key that made the task, and note what it said."""

@@ -24,10 +24,16 @@ class TaskDirectory:
         await self.store.add_task(task)
         self._remember(task)
 
-    async def get(self, task_id: str) -> TaskRecord | None:
+    def cached(self, task_id: str) -> TaskRecord | None:
+        """The route if it is in memory (None says nothing about the store)."""
         task = self._cache.get(task_id)
         if task is not None:
             self._cache.move_to_end(task_id)
+        return task
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        task = self.cached(task_id)
+        if task is not None:
             return task
         task = await self.store.get_task(task_id)
         if task is not None:
