@@ -22,6 +22,7 @@ from .config import Config
 from .download import routes as download_routes
 from .download import video_files
 from .errors import GatewayError, error_response
+from .fastpath import GatewayRunner
 from .metrics import UNMATCHED_ROUTE, GatewayMetrics, create_metrics_app, metrics_handler
 from .observe import CLIENT_CLOSED, answered
 from .openai_api import PREFIX as OPENAI_PREFIX
@@ -237,7 +238,7 @@ async def serve(
     app = create_app(config, clock=clock, reload_config=reload_config)
     # On shutdown aiohttp stops listening, closes idle connections and gives running requests this long.
     # keepalive_timeout also closes a connection that never completes its request headers (slowloris).
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
         access_log=None,
         shutdown_timeout=config.shutdown.drain_s,
@@ -245,7 +246,7 @@ async def serve(
     )
     await runner.setup()
     stop_reloading = reload_on_hangup(app[RELOADER], lambda: app[GATEWAY])
-    runners = [runner]
+    runners: list[web.AppRunner] = [runner]
     try:
         await web.TCPSite(
             runner, config.listen.host, config.listen.port, backlog=4096, reuse_port=reuse_port or None

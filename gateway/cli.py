@@ -20,6 +20,7 @@ from . import __version__, keytable
 from .app import create_app, serve, wait_for_signal
 from .clock import SystemClock
 from .config import Config, ConfigError, load_config, parse_config, replace_listen
+from .fastpath import GatewayRunner
 from .generate import add_parser as add_generate_parser
 from .logs import setup_logging
 from .pool import KeyPool
@@ -301,7 +302,7 @@ async def _run_demo(config: Config, upstream_port: int, task_seconds: float) -> 
     sim = SimulatorConfig(keys={k["key"]: k["upstream_limit"] for k in DEMO_KEYS}, task_seconds=task_seconds)
     runners = [
         web.AppRunner(create_simulator_app(sim), access_log=None),
-        web.AppRunner(create_app(config), access_log=None),
+        GatewayRunner(create_app(config), access_log=None),
     ]
     for runner, port in zip(runners, (upstream_port, config.listen.port), strict=True):
         await runner.setup()

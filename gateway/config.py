@@ -180,6 +180,8 @@ class PollConfig:
     freshness_s: float = 1.0
     #: Serve completed/failed tasks from the database instead of asking upstream again.
     terminal_cache: bool = True
+    #: Answer polls of tasks whose route is in memory on the connection itself (see `gateway.fastpath`).
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -409,10 +411,11 @@ def parse_config(
 
     shutdown_raw = _mapping(top.get("shutdown", {}), "shutdown", {"drain_s"})
     shutdown = ShutdownConfig(drain_s=_positive(shutdown_raw, "drain_s", "shutdown", 30.0))
-    poll_raw = _mapping(top.get("poll", {}), "poll", {"freshness_s", "terminal_cache"})
+    poll_raw = _mapping(top.get("poll", {}), "poll", {"freshness_s", "terminal_cache", "fast_path"})
     poll = PollConfig(
         freshness_s=_non_negative(poll_raw, "freshness_s", "poll", 1.0),
         terminal_cache=_get(poll_raw, "terminal_cache", bool, "poll", True),
+        fast_path=_get(poll_raw, "fast_path", bool, "poll", True),
     )
 
     retention_raw = _mapping(top.get("retention", {}), "retention", {"days", "interval_s", "batch"})

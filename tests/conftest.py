@@ -21,6 +21,7 @@ from gateway.app import create_app
 from gateway.appkeys import GATEWAY
 from gateway.clock import ManualClock
 from gateway.config import Config, parse_config
+from gateway.fastpath import GatewayRunner
 from gateway.service import Gateway
 from gateway.simulator import SIMULATOR_STATE, SimulatorConfig, SimulatorState, create_simulator_app
 
@@ -108,6 +109,13 @@ class Running:
         return await self.client.get(f"/v1/videos/{task_id}", headers=headers)
 
 
+class GatewayServer(TestServer):
+    """A test server running the app as `serve` does: with the fast path for polls."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 def clock() -> ManualClock:
     # 12:00 in Shanghai: the quota day started at midnight there.
@@ -183,7 +191,7 @@ async def make_gateway(
     async def make(doc: dict[str, Any] | None = None, **overrides: Any) -> Running:
         config = parse_config(doc or gateway_config(upstream.url, database, **overrides))
         app = create_app(config, clock=clock)
-        client: Client = await aiohttp_client(app)
+        client: Client = await aiohttp_client(GatewayServer(app))
         return Running(client, app, config)
 
     return make

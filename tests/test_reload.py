@@ -18,7 +18,7 @@ from gateway.config import load_config
 from gateway.logs import REDACTED, RedactSecrets
 from gateway.simulator import Fault
 
-from .conftest import KEY_A, KEY_B, KEY_C, TOKEN, Running, Upstream, gateway_config
+from .conftest import KEY_A, KEY_B, KEY_C, TOKEN, GatewayServer, Running, Upstream, gateway_config
 
 ADMIN = "adm-0123456789abcdef-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -50,7 +50,7 @@ def start(aiohttp_client: Any, config_file: ConfigFile, clock: ManualClock) -> S
     async def make() -> Running:
         config = load_config(config_file.path)
         app = create_app(config, clock=clock, reload_config=lambda: load_config(config_file.path))
-        return Running(await aiohttp_client(app), app, config)
+        return Running(await aiohttp_client(GatewayServer(app)), app, config)
 
     return make
 

@@ -12,7 +12,7 @@ from gateway.clock import ManualClock
 from gateway.config import parse_config
 from gateway.store import SQLiteStore, TaskRecord
 
-from .conftest import Client, Upstream, gateway_config
+from .conftest import Client, GatewayServer, Upstream, gateway_config
 
 DAY = 86_400.0
 
@@ -44,7 +44,7 @@ async def start(
 ) -> tuple[Client, CountingStore]:
     config = parse_config(gateway_config(upstream.url, path, retention={"interval_s": 3600, **retention}))
     store = CountingStore(str(path))
-    client: Client = await aiohttp_client(create_app(config, clock=clock, store=store))
+    client: Client = await aiohttp_client(GatewayServer(create_app(config, clock=clock, store=store)))
     return client, store
 
 
