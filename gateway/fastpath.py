@@ -52,7 +52,7 @@ FAST_PATH_AIOHTTP = re.compile(r"3\.14\.")
 
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 
-Answer = bytes | Coroutine[Any, Any, bytes]
+Answer = bytes | Coroutine[Any, Any, bytes | None]
 _NOTHING: tuple[tuple[()], bool, bytes] = ((), False, b"")
 
 
@@ -115,7 +115,7 @@ class FastPolls:
 
     async def _ask(
         self, gateway: Gateway, task: TaskRecord, client: str, rid: str, started: float, connection: PollConnection
-    ) -> bytes:
+    ) -> bytes | None:
         """The answer of a poll that needs upstream, as the middleware would have given it."""
         logs.request_id.set(rid)  # this task's own context: its log lines carry the request's id
         held = logs.HeldCalls()
@@ -123,28 +123,32 @@ class FastPolls:
         key = task.key_name
         try:
             polled = await gateway.poll_known(task)
-            response = answer_response(polled.answer)
-            key = polled.task.key_name
-        except GatewayError as exc:
-            response = error_response(exc)
-        except PassThrough as exc:
-            response = answer_response(exc.answer)
-        except Exception:
-            log.exception("unexpected error on GET %s", ROUTE)
-            response = error_response(GatewayError(500, "internal_error", "the gateway failed to handle this request"))
+            answer, key = polled.answer, polled.task.key_name
+            status = answer.status
+            reply = self._reply(status, (("Content-Type", answer.content_type),), answer.body, rid)
+            if reply is None:
+                log.error("upstream's answer to a poll had a header aiohttp would refuse to send")
+                raise GatewayError(502, "upstream_bad_answer", "upstream's answer could not be sent on")
+        except Exception as exc:
+            response = self._failure(exc)
+            status = response.status
+            reply = self._reply(status, response.headers.items(), response.body, rid)
         held.open = False
-        reply = self._reply(response.status, response.headers.items(), response.body, rid)
-        if reply is None:
-            log.error("upstream's answer to a poll had a header aiohttp would refuse to send")
-            response = error_response(
-                GatewayError(502, "upstream_bad_answer", "upstream's answer could not be passed on")
-            )
-            reply = self._reply(response.status, response.headers.items(), response.body, rid)
-            assert reply is not None
         transport = connection.transport
-        status = response.status if transport is not None and not transport.is_closing() else CLIENT_CLOSED
+        if transport is None or transport.is_closing():
+            status = CLIENT_CLOSED
         self._done(rid, status, client, key, time.perf_counter() - started, held.calls)
         return reply
+
+    @staticmethod
+    def _failure(exc: Exception) -> web.Response:
+        """The answer the middleware gives for what a poll raised."""
+        if isinstance(exc, GatewayError):
+            return error_response(exc)
+        if isinstance(exc, PassThrough):
+            return answer_response(exc.answer)
+        log.exception("unexpected error on GET %s", ROUTE, exc_info=exc)
+        return error_response(GatewayError(500, "internal_error", "the gateway failed to handle this request"))
 
     def _reply(self, status: int, headers: Iterable[tuple[str, str]], body: Any, rid: str) -> bytes | None:
         """The bytes aiohttp would have sent for this answer (the same headers, in the same order).
@@ -239,7 +243,7 @@ class PollConnection(RequestHandler):
         #: Requests handed on to aiohttp and not yet answered: while there are any, polls queue behind them.
         self.owed = 0
         #: The task answering a poll that went to upstream; requests after it wait (see `hold`).
-        self.in_flight: asyncio.Task[bytes] | None = None
+        self.in_flight: asyncio.Task[None] | None = None
         self._last = False  # aiohttp's last answer closes the connection
         self._waiting = b""
         self._paused_here = False
@@ -263,8 +267,7 @@ class PollConnection(RequestHandler):
             if isinstance(answer, bytes):
                 transport.write(answer)
                 continue
-            self.in_flight = asyncio.get_running_loop().create_task(answer)
-            self.in_flight.add_done_callback(self._sent)
+            self.in_flight = asyncio.get_running_loop().create_task(self._later(answer))
             break
         if taken:
             self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
@@ -279,15 +282,23 @@ class PollConnection(RequestHandler):
             self._paused_here = True
             self.transport.pause_reading()
 
-    def _sent(self, task: asyncio.Task[bytes]) -> None:
+    async def _later(self, answer: Coroutine[Any, Any, bytes | None]) -> None:
+        """Await an answer that needs upstream, then send it (no turn of the loop in between)."""
+        reply: bytes | None = None
+        try:
+            reply = await answer
+        finally:
+            self._sent(reply)
+
+    def _sent(self, reply: bytes | None) -> None:
         self.in_flight = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if task.cancelled() or task.exception() is not None:
+        if reply is None:  # cancelled, or no answer could be made: no more on this connection
             transport.close()
             return
-        transport.write(task.result())
+        transport.write(reply)
         if self._close or self._force_close:
             transport.close()  # shutting down: this connection takes no more requests
             return

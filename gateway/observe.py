@@ -29,21 +29,37 @@ def answered(
     seconds: float,
     calls: Sequence[logs.UpstreamCall] = (),
 ) -> None:
-    """Count the request now; write its access line, and its upstream calls' lines, on the loop's next turn.
+    """Count the request and write its access line, and its upstream calls' lines, on the loop's next turn.
 
-    A request whose one upstream call succeeded gets one line, with that call's outcome, status and time
-    on it; any other calls get their own lines. The lines are written after the answer has left.
+    The answer leaves first: none of this is on the way to the client. A request whose one upstream
+    call succeeded gets one line, with that call's outcome, status and time on it; any other calls get
+    their own lines.
     """
+    asyncio.get_running_loop().call_soon(
+        _account, metrics, rid, method, route, status, client, key, seconds, tuple(calls)
+    )
+
+
+def _account(
+    metrics: GatewayMetrics,
+    rid: str,
+    method: str,
+    route: str,
+    status: int,
+    client: str | None,
+    key: str | None,
+    seconds: float,
+    calls: tuple[logs.UpstreamCall, ...],
+) -> None:
     metrics.request(route, status, seconds)
     level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
     enabled = access_log.isEnabledFor(level)
     folded = calls[0] if len(calls) == 1 and enabled else None
-    loop = asyncio.get_running_loop()
     if folded is None:
         for call in calls:
-            loop.call_soon(call.log)
+            call.log()
     if enabled:
-        loop.call_soon(_access_line, level, rid, method, route, status, client, key, seconds * 1000, folded)
+        _access_line(level, rid, method, route, status, client, key, seconds * 1000, folded)
 
 
 def _access_line(

@@ -102,6 +102,13 @@ class Running:
     def gateway(self) -> Gateway:
         return self.app[GATEWAY]
 
+    @property
+    def handled_by_aiohttp(self) -> int:
+        """Requests aiohttp's own request handling has taken so far (not those of the poll fast path)."""
+        runner = self.client.server.runner
+        assert runner is not None and runner.server is not None
+        return runner.server.requests_count
+
     async def create(self, body: dict[str, Any] | None = None, **headers: str) -> aiohttp.ClientResponse:
         return await self.client.post("/v1/videos", json=body or BODY, headers=headers)
 

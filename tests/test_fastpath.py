@@ -20,13 +20,6 @@ MakeGateway = Callable[..., Awaitable[Running]]
 VARYING = frozenset({"X-Request-ID", "Date"})
 
 
-def handled_by_aiohttp(gw: Running) -> int:
-    """Requests aiohttp's own request handling has taken so far."""
-    runner = gw.client.server.runner
-    assert runner is not None and runner.server is not None
-    return runner.server.requests_count
-
-
 async def completed_task(gw: Running, clock: ManualClock) -> str:
     task_id: str = (await (await gw.create()).json())["task_id"]
     clock.advance(60)
@@ -67,14 +60,14 @@ async def test_a_completed_task_is_answered_as_aiohttp_answers_it(
 ) -> None:
     fast = await make_gateway()
     task_id = await completed_task(fast, clock)
-    before = handled_by_aiohttp(fast)
+    before = fast.handled_by_aiohttp
     [(status, headers, body)] = await exchange(fast, get(f"/v1/videos/{task_id}", "r-1"), 1)
-    assert handled_by_aiohttp(fast) == before  # answered on the connection
+    assert fast.handled_by_aiohttp == before  # answered on the connection
 
     slow = await make_gateway(poll={"fast_path": False})
-    before = handled_by_aiohttp(slow)
+    before = slow.handled_by_aiohttp
     [(slow_status, slow_headers, slow_body)] = await exchange(slow, get(f"/v1/videos/{task_id}", "r-1"), 1)
-    assert handled_by_aiohttp(slow) == before + 1  # `poll.fast_path: false`: aiohttp's way
+    assert slow.handled_by_aiohttp == before + 1  # `poll.fast_path: false`: aiohttp's way
     assert (status, body) == (slow_status, slow_body) == (b"HTTP/1.1 200 OK", body)
     assert list(headers) == list(slow_headers)  # the same headers, in the same order
     assert {k: v for k, v in headers.items() if k not in VARYING} == {
@@ -85,12 +78,12 @@ async def test_a_completed_task_is_answered_as_aiohttp_answers_it(
 
 async def test_a_running_task_is_polled_upstream_without_aiohttp(gw: Running, upstream: Upstream) -> None:
     task_id = (await (await gw.create()).json())["task_id"]
-    before, calls = handled_by_aiohttp(gw), sum(upstream.state.polls.values())
+    before, calls = gw.handled_by_aiohttp, sum(upstream.state.polls.values())
     response = await gw.poll(task_id)
     assert response.status == 200
     assert (await response.json())["status"] in {"queued", "running"}
     assert sum(upstream.state.polls.values()) == calls + 1
-    assert handled_by_aiohttp(gw) == before
+    assert gw.handled_by_aiohttp == before
 
 
 async def test_answers_leave_in_the_order_asked(gw: Running, upstream: Upstream, clock: ManualClock) -> None:
@@ -143,7 +136,7 @@ async def test_what_it_does_not_take_goes_to_aiohttp(make_gateway: MakeGateway, 
         f"HEAD {path} HTTP/1.1\r\nHost: gateway\r\nX-Request-ID: head\r\n{auth}\r\n\r\n".encode(): b"200",
     }
     for raw, status in cases.items():
-        before = handled_by_aiohttp(gw)
+        before = gw.handled_by_aiohttp
         if raw.startswith(b"HEAD"):
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
             writer.write(raw)
@@ -153,11 +146,11 @@ async def test_what_it_does_not_take_goes_to_aiohttp(make_gateway: MakeGateway, 
         else:
             [(line, _, _)] = await exchange(gw, raw, 1)
             assert line.split()[1] == status
-        assert handled_by_aiohttp(gw) == before + 1, raw
-    before = handled_by_aiohttp(gw)
+        assert gw.handled_by_aiohttp == before + 1, raw
+    before = gw.handled_by_aiohttp
     [(line, _, _)] = await exchange(gw, get(path, "fast", auth), 1)
     assert line.split()[1] == b"200"
-    assert handled_by_aiohttp(gw) == before
+    assert gw.handled_by_aiohttp == before
 
 
 async def test_an_upstream_failure_reads_as_on_aiohttps_way(make_gateway: MakeGateway, upstream: Upstream) -> None:

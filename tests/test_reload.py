@@ -275,3 +275,23 @@ async def test_log_redaction_learns_the_secrets_of_a_reloaded_config(
     logging.getLogger("agnes_gateway.test").warning("leaked %s and %s", KEY_C, ADMIN)
     assert KEY_C not in redacting_handler.getvalue() and ADMIN not in redacting_handler.getvalue()
     assert redacting_handler.getvalue().count(REDACTED) == 2
+
+
+async def test_a_reload_turns_the_poll_fast_path_off_and_on(start: Start, config_file: ConfigFile) -> None:
+    gw = await start()
+    task_id = (await (await gw.create()).json())["task_id"]
+
+    async def poll_taken_by_aiohttp() -> bool:
+        before = gw.handled_by_aiohttp
+        assert (await gw.poll(task_id)).status == 200
+        return gw.handled_by_aiohttp == before + 1
+
+    assert not await poll_taken_by_aiohttp()
+    config_file.doc["poll"] = {"fast_path": False}
+    config_file.write()
+    assert (await reload(gw))[0] == 200
+    assert await poll_taken_by_aiohttp()
+    config_file.doc["poll"] = {"fast_path": True}
+    config_file.write()
+    assert (await reload(gw))[0] == 200
+    assert not await poll_taken_by_aiohttp()
