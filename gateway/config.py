@@ -180,7 +180,7 @@ class PollConfig:
     freshness_s: float = 1.0
     #: Serve completed/failed tasks from the database instead of asking upstream again.
     terminal_cache: bool = True
-    #: Answer polls of tasks whose route is in memory on the connection itself (see `gateway.fastpath`).
+    #: Answer polls on the connection itself, without aiohttp's request handling (see `gateway.fastpath`).
     fast_path: bool = True
 
 

@@ -3,17 +3,17 @@
 aiohttp spends about 140,000 instructions on every request before and after its handler (a request
 object, a task, the router, the middleware, a response object); its HTTP parser alone takes a tenth
 of that. Polls are most of the traffic, so the gateway's connection handler takes them straight
-from the parser: a poll of a task whose route is in memory, from a client whose token is good, is
-answered at once when its answer is at hand (a completed or failed task, a fresh shared answer), and
-otherwise from one task that asks upstream. Everything else (other routes and methods, a body,
-`Connection: close`, HTTP/1.0, a task not in memory, a refused token) goes on to aiohttp as it came,
-and answers leave in the order their requests arrived. The answer, its headers, its metrics and its
-access line are the ones aiohttp and the middleware would have made. `poll.fast_path: false` turns
-it off.
+from the parser: a poll from a client whose token is good is answered at once when its answer is at
+hand (a completed or failed task in memory, a fresh shared answer), and otherwise from one task
+that does what the route does (`Gateway.poll`: the store, upstream). Everything else (other routes
+and methods, a malformed task id, a body, `Connection: close`, HTTP/1.0, a refused token) goes on to
+aiohttp as it came, and answers leave in the order their requests arrived. The answer, its headers,
+its metrics and its access line are the ones the route and the middleware would have made.
+`poll.fast_path: false` turns it off.
 
-It rests on aiohttp's `RequestHandler` internals (its parser, its idle waiter, its keep-alive timer),
-so `FAST_PATH_AIOHTTP` names the aiohttp versions it is written for; on any other the gateway logs
-it and serves every request through aiohttp.
+It rests on aiohttp's `RequestHandler` internals (its parser, `finish_response`, its keep-alive
+timer, `shutdown`), so `FAST_PATH_AIOHTTP` names the aiohttp versions it is written for; on any
+other the gateway logs it and serves every request through aiohttp.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from .errors import GatewayError, error_response
 from .observe import CLIENT_CLOSED, answered
 from .proxy import REQUEST_ID_HEADER, answer_response
 from .service import TASK_ID_RE, Gateway, PassThrough
-from .store import TaskRecord
 
 log = logging.getLogger("agnes_gateway.fastpath")
 
@@ -99,14 +98,12 @@ class FastPolls:
         client = identify(gateway.config.clients, headers.get("Authorization"))
         if client is None:
             return None  # refused: aiohttp's way gives the 401
-        task = gateway.tasks.cached(task_id)
-        if task is None:
-            return None  # unknown here, or to be looked up in the store: aiohttp's way
         started = time.perf_counter()
         rid = logs.accept_request_id(headers.get(REQUEST_ID_HEADER))
-        polled = gateway.at_hand(task)
-        if polled is None:
-            return self._ask(gateway, task, client, rid, started, connection)
+        task = gateway.tasks.cached(task_id)
+        polled = gateway.at_hand(task) if task is not None else None
+        if polled is None or task is None:
+            return self._ask(gateway, task_id, client, rid, started, connection)
         answer = polled.answer
         reply = self._reply(answer.status, [("Content-Type", answer.content_type)], answer.body, rid)
         if reply is not None:
@@ -114,15 +111,15 @@ class FastPolls:
         return reply
 
     async def _ask(
-        self, gateway: Gateway, task: TaskRecord, client: str, rid: str, started: float, connection: PollConnection
+        self, gateway: Gateway, task_id: str, client: str, rid: str, started: float, connection: PollConnection
     ) -> bytes | None:
-        """The answer of a poll that needs upstream, as the middleware would have given it."""
+        """The answer of a poll that needs the store or upstream, as the route and the middleware would give it."""
         logs.request_id.set(rid)  # this task's own context: its log lines carry the request's id
         held = logs.HeldCalls()
         logs.upstream_calls.set(held)
-        key = task.key_name
+        key: str | None = None
         try:
-            polled = await gateway.poll_known(task)
+            polled = await gateway.poll(task_id)
             answer, key = polled.answer, polled.task.key_name
             status = answer.status
             reply = self._reply(status, (("Content-Type", answer.content_type),), answer.body, rid)

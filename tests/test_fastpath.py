@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from gateway.clock import ManualClock
 from gateway.config import parse_config
 from gateway.simulator import Fault
 
-from .conftest import TOKEN, Running, Upstream, gateway_config
+from .conftest import BODY, TOKEN, Running, Upstream, gateway_config
 
 MakeGateway = Callable[..., Awaitable[Running]]
 #: Headers that differ between any two answers: left out when answers are compared.
@@ -105,9 +106,13 @@ async def test_answers_leave_in_the_order_asked(gw: Running, upstream: Upstream,
         assert [headers["X-Request-ID"] for _, headers, _ in answers] == ["r-2", "r-3", "r-4", "r-5"]
         assert all(status == b"HTTP/1.1 200 OK" for status, _, _ in answers)
 
-        # A request aiohttp is still handling (an unknown task, looked for upstream) keeps a poll behind it.
-        upstream.state.add_fault(Fault(kind="hold", operation="poll", times=1))
-        writer.write(get("/v1/videos/unknown-task", "r-6"))
+        # A request aiohttp is still handling (a create, waiting for upstream) keeps a poll behind it.
+        upstream.state.add_fault(Fault(kind="hold", operation="create", times=1))
+        body = json.dumps(BODY).encode()
+        writer.write(
+            b"POST /v1/videos HTTP/1.1\r\nHost: gateway\r\nX-Request-ID: r-6\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         async with asyncio.timeout(5):
             await upstream.state.until_held(1)
         writer.write(get(f"/v1/videos/{done}", "r-7"))
@@ -115,7 +120,8 @@ async def test_answers_leave_in_the_order_asked(gw: Running, upstream: Upstream,
         await upstream.state.release_held()
         answers = [await read_answer(reader) for _ in range(2)]
         assert [headers["X-Request-ID"] for _, headers, _ in answers] == ["r-6", "r-7"]
-        assert [status.split()[1] for status, _, _ in answers] == [b"404", b"200"]
+        assert [status.split()[1] for status, _, _ in answers] == [b"200", b"200"]
+        assert "task_id" in json.loads(answers[0][2])
     finally:
         writer.close()
 
@@ -223,3 +229,18 @@ def test_config_turns_it_off(tmp_path: Path) -> None:
     assert parse_config(gateway_config("http://127.0.0.1:1", tmp_path / "g.db")).poll.fast_path is True
     off = parse_config(gateway_config("http://127.0.0.1:1", tmp_path / "g.db", poll={"fast_path": False}))
     assert off.poll.fast_path is False
+
+
+async def test_polls_of_tasks_not_in_memory_read_as_on_aiohttps_way(make_gateway: MakeGateway) -> None:
+    """A task known only to the store (after a restart), and one no key knows."""
+    first = await make_gateway()
+    task_id = (await (await first.create()).json())["task_id"]
+    answers = []
+    for fast_path in (True, False):
+        gw = await make_gateway(poll={"fast_path": fast_path})  # a fresh process: nothing in memory
+        before = gw.handled_by_aiohttp
+        known, unknown = await gw.poll(task_id), await gw.poll("never-made")
+        answers.append((known.status, await known.json(), unknown.status, await unknown.json()))
+        assert gw.handled_by_aiohttp == before + (0 if fast_path else 2)
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 200 and answers[0][2] == 404
