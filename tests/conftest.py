@@ -117,10 +117,17 @@ class Running:
 
 
 class GatewayServer(TestServer):
-    """A test server running the app as `serve` does: with the fast path for polls."""
+    """A test server running the app as `serve` does: with the fast path for polls.
+
+    `runner_options` go to its runner as `serve` passes its own (e.g. `keepalive_timeout`).
+    """
+
+    def __init__(self, app: web.Application, **runner_options: Any) -> None:
+        super().__init__(app)
+        self.runner_options = runner_options
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return GatewayRunner(self.app, **kwargs)
+        return GatewayRunner(self.app, **kwargs, **self.runner_options)
 
 
 @pytest.fixture

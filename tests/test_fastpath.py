@@ -7,14 +7,17 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway.app import create_app
+from gateway.appkeys import GATEWAY
 from gateway.clock import ManualClock
 from gateway.config import parse_config
 from gateway.simulator import Fault
 
-from .conftest import BODY, TOKEN, Running, Upstream, gateway_config
+from .conftest import BODY, TOKEN, GatewayServer, Running, Upstream, gateway_config
 
 MakeGateway = Callable[..., Awaitable[Running]]
 #: Headers that differ between any two answers: left out when answers are compared.
@@ -244,3 +247,35 @@ async def test_polls_of_tasks_not_in_memory_read_as_on_aiohttps_way(make_gateway
         assert gw.handled_by_aiohttp == before + (0 if fast_path else 2)
     assert answers[0] == answers[1]
     assert answers[0][0] == 200 and answers[0][2] == 404
+
+
+async def test_fast_answers_keep_a_connection_alive_and_idle_ones_still_close(
+    aiohttp_client: Any, upstream: Upstream, database: str, clock: ManualClock
+) -> None:
+    app = create_app(parse_config(gateway_config(upstream.url, database)), clock=clock)
+    gw = Running(await aiohttp_client(GatewayServer(app, keepalive_timeout=0.3)), app, app[GATEWAY].config)
+    done = await completed_task(gw, clock)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+    try:
+        for n in range(8):  # 0.8 s of polls 0.1 s apart: longer than the idle timeout, never idle that long
+            writer.write(get(f"/v1/videos/{done}", f"r-{n}"))
+            assert (await read_answer(reader))[0] == b"HTTP/1.1 200 OK"
+            await asyncio.sleep(0.1)
+        async with asyncio.timeout(3):
+            assert await reader.read() == b""  # then idle: closed by the server
+    finally:
+        writer.close()
+
+
+async def test_a_malformed_request_after_fast_answers_gets_aiohttps_400(gw: Running, clock: ManualClock) -> None:
+    done = await completed_task(gw, clock)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+    try:
+        writer.write(get(f"/v1/videos/{done}", "r-1"))
+        assert (await read_answer(reader))[0] == b"HTTP/1.1 200 OK"
+        writer.write(b"GARBAGE\r\n\r\n" + get(f"/v1/videos/{done}", "r-2"))
+        async with asyncio.timeout(5):
+            rest = await reader.read()  # aiohttp's answer, then it closes the connection
+        assert rest.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    finally:
+        writer.close()
