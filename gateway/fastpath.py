@@ -41,6 +41,7 @@ from .errors import GatewayError, error_response
 from .observe import CLIENT_CLOSED, answered
 from .proxy import REQUEST_ID_HEADER, answer_response
 from .service import TASK_ID_RE, Gateway, PassThrough
+from .store import TaskRecord
 
 log = logging.getLogger("agnes_gateway.fastpath")
 
@@ -103,7 +104,7 @@ class FastPolls:
         task = gateway.tasks.cached(task_id)
         polled = gateway.at_hand(task) if task is not None else None
         if polled is None or task is None:
-            return self._ask(gateway, task_id, client, rid, started, connection)
+            return self._ask(gateway, task_id, task, client, rid, started, connection)
         answer = polled.answer
         reply = self._reply(answer.status, [("Content-Type", answer.content_type)], answer.body, rid)
         if reply is not None:
@@ -111,15 +112,25 @@ class FastPolls:
         return reply
 
     async def _ask(
-        self, gateway: Gateway, task_id: str, client: str, rid: str, started: float, connection: PollConnection
+        self,
+        gateway: Gateway,
+        task_id: str,
+        task: TaskRecord | None,
+        client: str,
+        rid: str,
+        started: float,
+        connection: PollConnection,
     ) -> bytes | None:
-        """The answer of a poll that needs the store or upstream, as the route and the middleware would give it."""
+        """The answer of a poll that needs the store or upstream, as the route and the middleware would give it.
+
+        `task`: the route, when it was found in memory.
+        """
         logs.request_id.set(rid)  # this task's own context: its log lines carry the request's id
         held = logs.HeldCalls()
         logs.upstream_calls.set(held)
         key: str | None = None
         try:
-            polled = await gateway.poll(task_id)
+            polled = await (gateway.poll_known(task) if task is not None else gateway.poll(task_id))
             answer, key = polled.answer, polled.task.key_name
             status = answer.status
             reply = self._reply(status, (("Content-Type", answer.content_type),), answer.body, rid)
