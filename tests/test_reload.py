@@ -9,12 +9,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from gateway.app import create_app
 from gateway.clock import ManualClock
 from gateway.config import load_config
+from gateway.fastpath import FAST_PATH_AIOHTTP
 from gateway.logs import REDACTED, RedactSecrets
 from gateway.simulator import Fault
 
@@ -277,6 +279,7 @@ async def test_log_redaction_learns_the_secrets_of_a_reloaded_config(
     assert redacting_handler.getvalue().count(REDACTED) == 2
 
 
+@pytest.mark.skipif(not FAST_PATH_AIOHTTP.match(aiohttp.__version__), reason="no fast path on this aiohttp")
 async def test_a_reload_turns_the_poll_fast_path_off_and_on(start: Start, config_file: ConfigFile) -> None:
     gw = await start()
     task_id = (await (await gw.create()).json())["task_id"]
