@@ -35,59 +35,36 @@ def answered(
     call succeeded gets one line, with that call's outcome, status and time on it; any other calls get
     their own lines.
     """
-    asyncio.get_running_loop().call_soon(
-        _account, metrics, rid, method, route, status, client, key, seconds, tuple(calls)
-    )
+    calls = tuple(calls)  # the request's list may still grow after it has been answered
 
+    def account() -> None:
+        metrics.request(route, status, seconds)
+        level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+        enabled = access_log.isEnabledFor(level)
+        call = calls[0] if len(calls) == 1 and enabled else None
+        if call is None:
+            for each in calls:
+                each.log()
+        if not enabled:
+            return
+        ms = seconds * 1000
+        fields: dict[str, object] = {
+            "request_id": rid,
+            "method": method,
+            "route": route,
+            "status": status,
+            "client": client,
+            "key": key,
+            "duration_ms": round(ms, 1),
+        }
+        message = f"{method} {route} {status} client={client or '-'} key={key or '-'} {ms:.1f}ms"
+        if call is not None:
+            upstream_status = "-" if call.status is None else call.status
+            message += f" upstream={call.outcome} {upstream_status} {call.duration_ms:.1f}ms"
+            fields["operation"] = call.operation
+            fields["outcome"] = call.outcome
+            fields["upstream_status"] = call.status
+            fields["upstream_ms"] = round(call.duration_ms, 1)
+        logs.log_line(access_log, level, message, fields)
 
-def _account(
-    metrics: GatewayMetrics,
-    rid: str,
-    method: str,
-    route: str,
-    status: int,
-    client: str | None,
-    key: str | None,
-    seconds: float,
-    calls: tuple[logs.UpstreamCall, ...],
-) -> None:
-    metrics.request(route, status, seconds)
-    level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
-    enabled = access_log.isEnabledFor(level)
-    folded = calls[0] if len(calls) == 1 and enabled else None
-    if folded is None:
-        for call in calls:
-            call.log()
-    if enabled:
-        _access_line(level, rid, method, route, status, client, key, seconds * 1000, folded)
-
-
-def _access_line(
-    level: int,
-    rid: str,
-    method: str,
-    route: str,
-    status: int,
-    client: str | None,
-    key: str | None,
-    ms: float,
-    call: logs.UpstreamCall | None,
-) -> None:
-    """The request's line; with its one upstream call's operation, outcome, status and time when it made one."""
-    fields: dict[str, object] = {
-        "request_id": rid,
-        "method": method,
-        "route": route,
-        "status": status,
-        "client": client,
-        "key": key,
-        "duration_ms": round(ms, 1),
-    }
-    message = f"{method} {route} {status} client={client or '-'} key={key or '-'} {ms:.1f}ms"
-    if call is not None:
-        message += f" upstream={call.outcome} {'-' if call.status is None else call.status} {call.duration_ms:.1f}ms"
-        fields["operation"] = call.operation
-        fields["outcome"] = call.outcome
-        fields["upstream_status"] = call.status
-        fields["upstream_ms"] = round(call.duration_ms, 1)
-    logs.log_line(access_log, level, message, fields)
+    asyncio.get_running_loop().call_soon(account)
